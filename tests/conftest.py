@@ -1,0 +1,95 @@
+"""Shared fixtures: a real S3 endpoint on 127.0.0.1, a real local Ray cluster,
+tiny BLIP-2 models saved in Hugging Face format, and real photos.
+
+Nothing here mocks Ray or S3: moto's ThreadedMotoServer speaks the S3 HTTP API
+on loopback (as s3fs's own suite does) and ``ray.init`` starts real raylets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+# The hub is unreachable here and in CI; every model load must be local.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fake credentials for moto, set before Ray starts so workers inherit them
+# through the standard AWS chain, exactly as real credentials would reach them.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """URL of a moto S3 server on 127.0.0.1, alive for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture()
+def s3_storage(s3_endpoint: str):
+    """StorageOptions pointing at the local S3 server."""
+    from workers.config import StorageOptions
+
+    return StorageOptions(endpoint_url=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real single-node Ray cluster for the session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BLIP-2 models (OPT and T5 flavour), saved with save_pretrained."""
+    from workers.tiny_model import build_tiny_blip2
+
+    root = tmp_path_factory.mktemp("models")
+    return {flavor: build_tiny_blip2(root / flavor, flavor=flavor) for flavor in ("opt", "t5")}
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photographs shipped with scikit-image, as RGB uint8 arrays, by name."""
+    from skimage import data
+
+    return {
+        "astronaut": data.astronaut(),
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "rocket": data.rocket(),
+    }

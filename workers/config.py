@@ -1,0 +1,249 @@
+"""The job's configuration: one frozen, typed object, validated on construction.
+
+``jobs/`` builds an :class:`AnnotateConfig` from flags and an optional YAML file;
+every worker receives the parts it needs as constructor arguments.  Nothing in
+``workers/`` reads argv or the environment.
+
+Every validation failure raises :class:`ConfigError` whose message starts with
+the offending field's name (``batch_size: must be >= 1, got 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
+PARTITION_BY = ("shard", "none")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Shard URL schemes that run commands (WebDataset's "pipe:") or are otherwise
+# not plain storage are refused before anything is read.
+FORBIDDEN_SCHEMES = ("pipe:", "exec:", "shell:")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _fail(name: str, message: str) -> None:
+    raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage.  Credentials come from the standard AWS chain
+    (env vars, ~/.aws, instance profile), never from this object, so they cannot
+    leak into logs, the summary or Ray job info."""
+
+    endpoint_url: str | None = None  # S3-compatible stores (MinIO, R2, moto)
+    region: str | None = None
+    anon: bool = False
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``fsspec.filesystem("s3", ...)``."""
+        opts: dict[str, Any] = {"anon": self.anon}
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What to read and how to turn it into samples."""
+
+    urls: tuple[str, ...]
+    format: str = "auto"
+    image_column: str | None = None  # Parquet: auto-detects jpg/jpeg/png/image/bytes/...
+    key_column: str | None = None  # Parquet: default is the row index within the file
+    passthrough_columns: tuple[str, ...] = ()
+    questions_column: str | None = None  # per-row questions (string or list of strings)
+    max_member_bytes: int = 64 * 1024 * 1024  # tar members/images larger than this are errors
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            _fail("input", "at least one input URL is required")
+        for url in self.urls:
+            if not isinstance(url, str) or not url.strip():
+                _fail("input", f"empty input URL in {list(self.urls)!r}")
+            if url.lower().startswith(FORBIDDEN_SCHEMES):
+                _fail("input", f"{url!r} uses a command-running scheme, which is refused")
+        if self.format not in INPUT_FORMATS:
+            _fail("input_format", f"must be one of {INPUT_FORMATS}, got {self.format!r}")
+        if self.max_member_bytes < 1:
+            _fail("max_member_bytes", f"must be >= 1, got {self.max_member_bytes}")
+        for name in self.passthrough_columns:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+                _fail("passthrough_columns", f"invalid column name {name!r}")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How images become model-ready pixels on CPU workers."""
+
+    height: int = 224
+    width: int = 224
+    resample: int = 3  # PIL.Image.BICUBIC, what BlipImageProcessor uses
+    # Images above this many pixels are rejected before their pixels are
+    # decoded (decompression bombs).  178 MP is twice Pillow's warning limit:
+    # large enough for any real photo, small enough to bound worker memory.
+    max_image_pixels: int = 178_956_970
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 1:
+                _fail(f"decode.{name}", f"must be >= 1, got {value}")
+        if self.max_image_pixels < 1:
+            _fail("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Settings passed to ``generate``.  Greedy by default, so output is reproducible."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            _fail("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            _fail("min_new_tokens", f"must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            _fail("num_beams", f"must be >= 1, got {self.num_beams}")
+        if self.repetition_penalty <= 0:
+            _fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": False,
+        }
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What is asked of every image."""
+
+    caption: bool = True
+    caption_prompt: str | None = None  # e.g. "a photo of"; None = unconditional caption
+    questions: tuple[str, ...] = ()
+    question_template: str = "Question: {q} Answer:"  # the BLIP-2 paper's VQA template
+
+    def __post_init__(self) -> None:
+        if "{q}" not in self.question_template:
+            _fail("question_template", f"must contain '{{q}}', got {self.question_template!r}")
+        for q in self.questions:
+            if not isinstance(q, str) or not q.strip():
+                _fail("questions", f"empty question in {list(self.questions)!r}")
+
+    def question_prompt(self, question: str) -> str:
+        return self.question_template.replace("{q}", question.strip())
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to load and how.  Only safetensors; never remote code."""
+
+    model: str = DEFAULT_MODEL  # hub id, local directory, or s3:// prefix
+    revision: str | None = None
+    dtype: str = "auto"  # auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
+    cache_dir: str | None = None  # where s3:// weights are fetched once per node
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.model.strip():
+            _fail("model", "must not be empty")
+        if self.dtype not in DTYPES:
+            _fail("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """How the stages are sized on the cluster."""
+
+    batch_size: int = 16  # images per model call; 16 fills a GPU at 224px without OOM on 24 GB cards
+    replicas_min: int = 1
+    replicas_max: int = 1
+    # GPUs per replica; fractions pack several small replicas on one GPU.
+    # None = 1 when the cluster has GPUs, else 0 (CPU inference).
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
+    decode_concurrency: int | None = None  # None = let Ray Data scale decode tasks
+    read_batch_rows: int = 256  # rows per reader block: big enough to amortise, small enough to stream
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            _fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.replicas_min < 1:
+            _fail("replicas_min", f"must be >= 1, got {self.replicas_min}")
+        if self.replicas_max < self.replicas_min:
+            _fail("replicas_max", f"must be >= replicas_min ({self.replicas_min}), got {self.replicas_max}")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            _fail("gpus_per_replica", f"must be >= 0, got {self.gpus_per_replica}")
+        if self.cpus_per_replica <= 0:
+            _fail("cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        if self.decode_concurrency is not None and self.decode_concurrency < 1:
+            _fail("decode_concurrency", f"must be >= 1, got {self.decode_concurrency}")
+        if self.read_batch_rows < 1:
+            _fail("read_batch_rows", f"must be >= 1, got {self.read_batch_rows}")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how results are written."""
+
+    url: str
+    partition_by: str = "shard"
+    overwrite: bool = False
+    # ~100k rows of captions is a few MB of Parquet: large enough for efficient
+    # scans, small enough that a lost write task costs little.
+    max_rows_per_file: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.url or not self.url.strip():
+            _fail("output", "an output URL is required")
+        if self.url.lower().startswith(FORBIDDEN_SCHEMES):
+            _fail("output", f"{self.url!r} uses a command-running scheme, which is refused")
+        if self.partition_by not in PARTITION_BY:
+            _fail("partition_by", f"must be one of {PARTITION_BY}, got {self.partition_by!r}")
+        if self.max_rows_per_file < 1:
+            _fail("max_rows_per_file", f"must be >= 1, got {self.max_rows_per_file}")
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """Everything one annotation job needs."""
+
+    input: InputSpec
+    output: OutputSpec
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if not self.prompts.caption and not self.prompts.questions and not self.input.questions_column:
+            _fail("caption", "nothing to do: captioning is off and there are no questions")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the summary JSON (holds no credentials: none are in here)."""
+        return dataclasses.asdict(self)
