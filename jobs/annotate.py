@@ -42,7 +42,8 @@ def prepare_output(cfg: AnnotateConfig) -> None:
     if fs.exists(root) and fs.ls(root):
         if not cfg.output.overwrite:
             raise OutputExistsError(
-                f"output: {cfg.output.url} already holds data; choose another location or pass --overwrite to replace it"
+                f"output: {cfg.output.url} already holds data; "
+                "choose another location or pass --overwrite to replace it"
             )
         log.warning("overwrite: deleting existing output at %s", cfg.output.url)
         fs.rm(root, recursive=True)

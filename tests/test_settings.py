@@ -102,3 +102,4 @@ def test_summary_dict_round_trips_without_secrets():
     assert isinstance(cfg, AnnotateConfig)
     flat = repr(d).lower()
     assert "secret" not in flat and "access_key" not in flat
+

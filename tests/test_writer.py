@@ -67,7 +67,8 @@ def test_duckdb_reads_hive_output(ray_cluster, tmp_path):
     _write(_rows(2, 6), str(tmp_path / "out"), StorageOptions())
     con = duckdb.connect()
     result = con.execute(
-        f"SELECT shard, count(*), count(caption) FROM read_parquet('{tmp_path}/out/**/*.parquet', hive_partitioning=true)"
+        "SELECT shard, count(*), count(caption) "
+        f"FROM read_parquet('{tmp_path}/out/**/*.parquet', hive_partitioning=true)"
         " GROUP BY shard ORDER BY shard"
     ).fetchall()
     assert result == [("000.tar", 6, 5), ("001.tar", 6, 5)]

@@ -84,6 +84,8 @@ class InputSpec:
         for name in self.passthrough_columns:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
                 _fail("passthrough_columns", f"invalid column name {name!r}")
+        if len(set(self.passthrough_columns)) != len(self.passthrough_columns):
+            _fail("passthrough_columns", f"duplicate names in {list(self.passthrough_columns)!r}")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,10 @@ class GenerationSpec:
         if self.max_new_tokens < 1:
             _fail("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            _fail("min_new_tokens", f"must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
+            _fail(
+                "min_new_tokens",
+                f"must be between 0 and max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
+            )
         if self.num_beams < 1:
             _fail("num_beams", f"must be >= 1, got {self.num_beams}")
         if self.repetition_penalty <= 0:

@@ -66,11 +66,23 @@ OUTPUT_FIELDS = [
 ]
 
 
+# Every column a stage owns.  An input column with one of these names (LAION's
+# Parquet has "caption") is passed through as "input_<name>" instead.
+RESERVED_COLUMNS = frozenset(
+    f.name for f in READ_FIELDS + OUTPUT_FIELDS + [pa.field(PIXELS, pa.null()), pa.field(IMAGE, pa.null())]
+)
+
+
+def passthrough_name(name: str) -> str:
+    """Output column name for input column ``name``."""
+    return f"input_{name}" if name in RESERVED_COLUMNS else name
+
+
 def read_schema(passthrough: tuple[str, ...] = ()) -> pa.Schema:
-    """Schema of reader output.  Passthrough columns are strings.
+    """Schema of reader output.  Passthrough columns are strings, named by :func:`passthrough_name`.
 
     Passthrough values are carried as strings so that shards of different
     formats (a Parquet ``url`` column next to a tar's ``.txt`` member) always
     concatenate; users who need the original types can join on ``id``.
     """
-    return pa.schema(READ_FIELDS + [pa.field(name, pa.string()) for name in passthrough])
+    return pa.schema(READ_FIELDS + [pa.field(passthrough_name(name), pa.string()) for name in passthrough])

@@ -36,7 +36,7 @@ PARTITION_COLUMN = schema.SHARD
 
 def output_schema(passthrough: tuple[str, ...] = ()) -> pa.Schema:
     """Schema of every row the job writes (the partition column included)."""
-    return pa.schema(schema.OUTPUT_FIELDS + [pa.field(name, pa.string()) for name in passthrough])
+    return pa.schema(schema.OUTPUT_FIELDS + [pa.field(schema.passthrough_name(n), pa.string()) for n in passthrough])
 
 
 def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
