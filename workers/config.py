@@ -20,7 +20,8 @@ TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 PARTITION_BY = ("shard", "none")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Shard URL schemes that run commands (WebDataset's "pipe:") or are otherwise
 # not plain storage are refused before anything is read.
 FORBIDDEN_SCHEMES = ("pipe:", "exec:", "shell:")

@@ -1,0 +1,235 @@
+"""End to end: ``jobs.annotate`` on a real local Ray cluster against a real S3 endpoint.
+
+Every test goes through the whole Ray Data pipeline (list -> read -> decode ->
+BLIP-2 actor -> Parquet) and reads the output back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from imagefactory import broken_image_cases, jpeg_bytes, png_bytes
+from PIL import Image, ImageOps
+from reference import Reference
+
+from jobs.annotate import main
+from workers.config import GenerationSpec
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is in the picture?", "What colour is it?"]
+MAX_NEW = 6
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_output(url: str, storage_options: dict | None = None) -> list[dict]:
+    if url.startswith("s3://"):
+        fs = s3fs.S3FileSystem(**storage_options)
+        ds = pads.dataset(url[5:], format="parquet", partitioning="hive", filesystem=fs)
+    else:
+        ds = pads.dataset(url, format="parquet", partitioning="hive")
+    return ds.to_table().to_pylist()
+
+
+def photo_shards(photos: dict[str, np.ndarray], n_shards: int, per_shard: int) -> dict[str, list[tuple[str, bytes]]]:
+    """WebDataset shards of real photos, some members in sub-folders and upper-case extensions."""
+    names = sorted(photos)
+    shards = {}
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            arr = photos[names[(s + i) % len(names)]][: 200 + 10 * i, : 240 + 7 * s]
+            key = f"sub/{s:02d}{i:03d}" if i % 2 else f"{s:02d}{i:03d}"
+            ext = "JPG" if i % 3 == 0 else "jpg"
+            members += [(f"{key}.{ext}", jpeg_bytes(arr)), (f"{key}.txt", f"orig caption {s}-{i}".encode())]
+        shards[f"shard-{s:05d}.tar"] = members
+    return shards
+
+
+def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models, photos):
+    """The issue's scenario: ``python -m jobs.annotate`` as a process, S3 in, S3 out, two questions."""
+    fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
+    shards = photo_shards(photos, n_shards=3, per_shard=4)
+    for name, members in shards.items():
+        fs.pipe(f"{s3_bucket}/in/{name}", tar_bytes(members))
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cmd = [
+        sys.executable, "-m", "jobs.annotate",
+        "--input", f"s3://{s3_bucket}/in/",
+        "--output", f"s3://{s3_bucket}/out/",
+        "--endpoint-url", s3_endpoint,
+        "--model", str(tiny_models["opt"]),
+        "--questions", *QUESTIONS,
+        "--passthrough-columns", "txt",
+        "--max-new-tokens", str(MAX_NEW),
+        "--batch-size", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "annotated 12 images from 3 shards" in proc.stdout
+
+    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"dl-{s3_bucket}"
+    fs.get(f"{s3_bucket}/out/", str(local), recursive=True)
+    got = duckdb.sql(
+        f"SELECT shard, key, caption, answers, status, txt FROM read_parquet('{local}/**/*.parquet', "
+        "hive_partitioning=true) ORDER BY shard, key"
+    ).fetchall()
+    expected = sorted(
+        (name, member[0].rsplit(".", 1)[0]) for name, members in shards.items() for member in members[::2]
+    )
+    assert [(row[0], row[1]) for row in got] == expected  # exactly one row per input image
+    for _shard, _key, caption, answers, status, txt in got:
+        assert status == "ok"
+        assert isinstance(caption, str)
+        assert [a["question"] for a in answers] == QUESTIONS
+        assert txt.startswith("orig caption ")
+    partitions = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/") if "shard=" in p)
+    assert partitions == [f"shard={name}" for name in sorted(shards)]
+    summary = json.loads(fs.cat(f"{s3_bucket}/out/_summary.json"))
+    assert summary["inputs"] == summary["ok"] == 12 and summary["errors"] == 0
+    assert "testing" not in json.dumps(summary)  # no credentials in the summary
+
+
+def test_broken_and_odd_images_in_one_shard(ray_cluster, tmp_path, tiny_models, photos, capsys):
+    cases = broken_image_cases(photos["astronaut"][:300, :260])
+    members = [(f"{name}{ext}", data) for name, (ext, data, _kind) in sorted(cases.items())]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "mixed.tar").write_bytes(tar_bytes(members))
+    out = tmp_path / "out"
+
+    code = main(
+        ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_models["opt"]),
+         "--questions", QUESTIONS[0], "--max-new-tokens", "4", "--batch-size", "3"]
+    )  # fmt: skip
+    assert code == 0
+    rows = {r["key"]: r for r in read_output(str(out))}
+    assert sorted(rows) == sorted(cases)  # one row per sample, none lost, none extra
+    for name, (_ext, _data, kind) in cases.items():
+        row = rows[name]
+        if kind is None:
+            assert row["status"] == "ok", (name, row["error"])
+            assert isinstance(row["caption"], str) and len(row["answers"]) == 1
+        else:
+            assert (row["status"], row["error_kind"]) == ("error", kind), name
+            assert row["error"] and row["caption"] is None
+    rotated = rows["exif_rotated_jpeg"]
+    assert (rotated["width"], rotated["height"]) == (300, 260)  # EXIF orientation applied
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["ok"] + summary["errors"] == summary["inputs"] == len(cases)
+    assert summary["errors_by_kind"]["decompression_bomb"] == 1
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_parquet_on_s3_with_passthrough_and_row_questions(ray_cluster, s3_endpoint, s3_bucket, s3_storage,
+                                                          tiny_models, photos):  # fmt: skip
+    fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
+    names = sorted(photos)
+    table = pa.table(
+        {
+            "uid": [f"u{i}" for i in range(6)],
+            "jpg": [jpeg_bytes(photos[names[i % 4]]) if i != 3 else b"not an image" for i in range(6)],
+            "url": [f"https://example.invalid/{i}.jpg" for i in range(6)],
+            "caption": [f"alt text {i}" for i in range(6)],
+            "questions": [["Is it red?"] if i % 2 else [] for i in range(6)],
+        }
+    )
+    with fs.open(f"{s3_bucket}/pq/part-0.parquet", "wb") as f:
+        pq.write_table(table, f, row_group_size=4)
+    out = f"s3://{s3_bucket}/pq-out"
+    code = main(
+        ["--input", f"s3://{s3_bucket}/pq/", "--output", out, "--endpoint-url", s3_endpoint,
+         "--model", str(tiny_models["t5"]), "--key-column", "uid", "--passthrough-columns", "url", "caption",
+         "--questions-column", "questions", "--questions", QUESTIONS[0], "--max-new-tokens", "4"]
+    )  # fmt: skip
+    assert code == 0
+    rows = {r["key"]: r for r in read_output(out, s3_storage.fsspec_options())}
+    assert sorted(rows) == [f"u{i}" for i in range(6)]
+    assert rows["u3"]["status"] == "error" and rows["u3"]["error_kind"] == "not_an_image"
+    for i in (0, 1, 2, 4, 5):
+        row = rows[f"u{i}"]
+        assert row["status"] == "ok"
+        assert row["url"] == f"https://example.invalid/{i}.jpg"
+        assert row["input_caption"] == f"alt text {i}"
+        expected_q = [QUESTIONS[0]] + (["Is it red?"] if i % 2 else [])
+        assert [a["question"] for a in row["answers"]] == expected_q
+
+
+def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_models, photos):
+    """Pipeline output equals Blip2Processor + generate, one image and prompt at a time, fp32."""
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    files = {}
+    for i, (name, arr) in enumerate(sorted(photos.items())):
+        path = folder / ("nested" if i % 2 else ".") / f"{name}.{'png' if i == 1 else 'jpg'}"
+        path.write_bytes(png_bytes(arr) if i == 1 else jpeg_bytes(arr))
+        files[str(path.relative_to(folder))] = path
+    (folder / "notes.md").write_text("not an image")
+
+    for flavor in ("opt", "t5"):
+        out = tmp_path / f"out-{flavor}"
+        code = main(
+            ["--input", str(folder), "--output", str(out), "--model", str(tiny_models[flavor]),
+             "--caption-prompt", "a photo of", "--questions", *QUESTIONS, "--max-new-tokens", str(MAX_NEW),
+             "--batch-size", "3"]
+        )  # fmt: skip
+        assert code == 0
+        rows = {r["key"]: r for r in read_output(str(out))}
+        assert sorted(rows) == sorted(files)
+        summary = json.loads((out / "_summary.json").read_text())
+        assert summary["listing"]["ignored_files"] == 1
+
+        reference = Reference(tiny_models[flavor], GenerationSpec(max_new_tokens=MAX_NEW))
+        for key, path in files.items():
+            rgb = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+            row = rows[key]
+            assert row["caption"] == reference(rgb, "a photo of")[0], (flavor, key)
+            for qa, question in zip(row["answers"], QUESTIONS, strict=True):
+                assert qa == {"question": question, "answer": reference(rgb, f"Question: {question} Answer:")[0]}
+
+
+def test_offline_default_model_fails_fast_with_fix(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    started = time.monotonic()
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert code == 3
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert "Salesforce/blip2-opt-2.7b" in err and "tiny-random" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(ray_cluster, tmp_path, tiny_models, photos, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_models["opt"]),
+            "--max-new-tokens", "3"]  # fmt: skip
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert len(read_output(str(tmp_path / "out"))) == 1

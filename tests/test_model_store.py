@@ -1,0 +1,282 @@
+"""Resolving and fetching weights: local, tiny-random, s3:// (once per node), Hub (fails fast offline)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from workers import model_store, tiny_model
+from workers.config import ModelSpec, StorageOptions
+from workers.model_store import (
+    ModelLoadError,
+    ModelUnavailableError,
+    check_model_reachable,
+    model_kind,
+    model_revision,
+    resolve_model_dir,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _upload(local: Path, s3_endpoint: str, bucket: str, prefix: str, extra: dict[str, bytes] | None = None) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for path in sorted(local.iterdir()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    for name, body in (extra or {}).items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
+    return f"s3://{bucket}/{prefix}"
+
+
+def _pickle_only_dir(path: Path, tiny: Path) -> Path:
+    path.mkdir()
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, path / name)
+    (path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ("tiny-random", "tiny"),
+        ("tiny-random-t5", "tiny"),
+        ("Salesforce/blip2-opt-2.7b", "hub"),
+        ("gpt2", "hub"),
+        ("s3://bucket/models/blip2", "remote"),
+        ("gs://bucket/models/blip2", "remote"),
+        ("file:///models/blip2", "local"),
+        ("/models/blip2", "local"),
+        ("./blip2", "local"),
+        ("a/b/c", "local"),
+    ],
+)
+def test_model_kind(model, kind):
+    assert model_kind(model) == kind
+
+
+def test_local_directory_resolves_to_itself(tiny_models, tmp_path):
+    spec = ModelSpec(model=str(tiny_models["t5"]))
+    assert resolve_model_dir(spec, StorageOptions(), str(tmp_path)) == tiny_models["t5"].resolve()
+    assert model_revision(tiny_models["t5"], spec) is None
+    assert not list(tmp_path.iterdir())  # nothing cached for a local directory
+    info = check_model_reachable(spec, StorageOptions())
+    assert info == {
+        "height": tiny_model.IMAGE_SIZE,
+        "width": tiny_model.IMAGE_SIZE,
+        "resample": 3,
+        "model_type": "blip-2",
+        "text_model_type": "t5",
+        "revision": None,
+    }
+    file_url = ModelSpec(model=f"file://{tiny_models['t5']}")
+    assert resolve_model_dir(file_url, StorageOptions(), None) == tiny_models["t5"].resolve()
+
+
+def test_missing_local_directory_is_a_clear_error(tmp_path):
+    spec = ModelSpec(model=str(tmp_path / "nope"))
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        check_model_reachable(spec, StorageOptions())
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        resolve_model_dir(spec, StorageOptions(), None)
+
+
+def test_pickle_only_directory_is_refused(tiny_models, tmp_path):
+    path = _pickle_only_dir(tmp_path / "pickled", tiny_models["opt"])
+    spec = ModelSpec(model=str(path))
+    for call in (
+        lambda: check_model_reachable(spec, StorageOptions()),
+        lambda: resolve_model_dir(spec, StorageOptions()),
+    ):
+        with pytest.raises(ModelUnavailableError, match=r"only pickle weights \(pytorch_model\.bin\).*safetensors"):
+            call()
+    assert issubclass(ModelUnavailableError, ModelLoadError)
+
+
+def test_tiny_random_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    calls = []
+    real_build = tiny_model.build_tiny_blip2
+
+    def counting_build(out_dir, flavor="opt", seed=0):
+        calls.append(flavor)
+        time.sleep(0.2)  # widen the race window
+        return real_build(out_dir, flavor=flavor, seed=seed)
+
+    monkeypatch.setattr(tiny_model, "build_tiny_blip2", counting_build)
+    spec = ModelSpec(model="tiny-random")
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(resolve_model_dir(spec, StorageOptions(), str(tmp_path))))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [tmp_path / "tiny-random-opt"] * 2
+    assert calls == ["opt"]
+    assert resolve_model_dir(spec, StorageOptions(), str(tmp_path)) == tmp_path / "tiny-random-opt"
+    assert calls == ["opt"]
+    assert (tmp_path / "tiny-random-opt" / "model.safetensors").is_file()
+    # spec.cache_dir wins over the caller's cache root
+    own = tmp_path / "own"
+    assert model_store._cache_root(ModelSpec(model="tiny-random", cache_dir=str(own)), str(tmp_path)) == own
+    assert model_store._tiny_target(ModelSpec(model="tiny-random-t5"), tmp_path).name == "tiny-random-t5"
+
+    info = check_model_reachable(ModelSpec(model="tiny-random-t5"), StorageOptions())
+    assert (info["height"], info["width"], info["text_model_type"]) == (tiny_model.IMAGE_SIZE,) * 2 + ("t5",)
+
+
+_FETCHER = textwrap.dedent(
+    """
+    import json, sys, time
+    from workers import model_store
+    from workers.config import ModelSpec, StorageOptions
+
+    url, endpoint, cache, log = sys.argv[1:5]
+    real = model_store._fetch_prefix
+
+    def logged(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write("fetch\\n")
+        time.sleep(0.5)  # hold the lock long enough for the other process to queue up
+        return real(*args, **kwargs)
+
+    model_store._fetch_prefix = logged
+    path = model_store.resolve_model_dir(ModelSpec(model=url), StorageOptions(endpoint_url=endpoint), cache)
+    print(json.dumps(str(path)))
+    """
+)
+
+
+def test_s3_prefix_is_fetched_once_per_node(tiny_models, s3_endpoint, s3_bucket, s3_storage, tmp_path):
+    url = _upload(
+        tiny_models["opt"],
+        s3_endpoint,
+        s3_bucket,
+        "models/blip2-tiny",
+        extra={"pytorch_model.bin": b"pickle next to safetensors: never copied", "README.md": b"# notes"},
+    )
+    spec = ModelSpec(model=url)
+    info = check_model_reachable(spec, s3_storage)
+    assert (info["height"], info["width"], info["resample"], info["text_model_type"]) == (32, 32, 3, "opt")
+
+    cache = tmp_path / "cache"
+    log = tmp_path / "fetches.log"
+    # Two replicas on one node, as separate processes, racing for the same prefix.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FETCHER, url, s3_endpoint, str(cache), str(log)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    paths = {json.loads(out.strip().splitlines()[-1]) for out, _ in outputs}
+    assert len(paths) == 1
+    assert log.read_text().splitlines() == ["fetch"]
+
+    target = Path(paths.pop())
+    assert target.parent == cache
+    names = {p.name for p in target.iterdir()}
+    assert names == {p.name for p in tiny_models["opt"].iterdir()}  # no .bin, no README
+    for name in names:
+        assert (target / name).read_bytes() == (tiny_models["opt"] / name).read_bytes()
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name]
+
+    # In-process callers (threads) find the completed copy without fetching again.
+    before = log.read_text()
+    assert resolve_model_dir(spec, s3_storage, str(cache)) == target
+    assert log.read_text() == before
+    # A different revision is a different cache entry.
+    assert model_store._remote_target(ModelSpec(model=url, revision="v2"), cache) != target
+
+
+def test_s3_pickle_only_prefix_is_refused(tiny_models, s3_endpoint, s3_bucket, s3_storage, tmp_path):
+    local = _pickle_only_dir(tmp_path / "pickled", tiny_models["opt"])
+    url = _upload(local, s3_endpoint, s3_bucket, "pickled")
+    spec = ModelSpec(model=url)
+    with pytest.raises(ModelUnavailableError, match="only pickle weights"):
+        check_model_reachable(spec, s3_storage)
+    with pytest.raises(ModelUnavailableError, match="only pickle weights"):
+        resolve_model_dir(spec, s3_storage, str(tmp_path / "cache"))
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_s3_missing_prefix_fails_fast(s3_bucket, s3_storage):
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="s3://"):
+        check_model_reachable(ModelSpec(model=f"s3://{s3_bucket}/no/such/model"), s3_storage)
+    assert time.monotonic() - start < 10
+
+
+def test_hub_id_offline_fails_fast_with_the_fix(tmp_path):
+    spec = ModelSpec(model="Salesforce/blip2-opt-2.7b", cache_dir=str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as excinfo:
+        check_model_reachable(spec, StorageOptions())
+    # Fails rather than hangs: a generous bound, far below the minutes a retrying download takes.
+    assert time.monotonic() - start < 10
+    message = str(excinfo.value)
+    assert "Salesforce/blip2-opt-2.7b" in message
+    assert "huggingface-cli download Salesforce/blip2-opt-2.7b" in message
+    assert "--model DIR" in message and "s3://" in message and "--model tiny-random" in message
+
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="huggingface-cli download"):
+        resolve_model_dir(spec, StorageOptions(), None)
+    assert time.monotonic() - start < 10
+
+
+def test_hub_id_found_in_the_local_cache_offline_pins_the_commit(tiny_models, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--blip2-tiny"
+    shutil.copytree(tiny_models["opt"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    spec = ModelSpec(model="acme/blip2-tiny", cache_dir=str(tmp_path))
+
+    info = check_model_reachable(spec, StorageOptions())
+    assert info["revision"] == commit
+    assert (info["height"], info["width"]) == (32, 32)
+    path = resolve_model_dir(spec, StorageOptions(), None)
+    assert path == repo / "snapshots" / commit
+    assert model_revision(path, spec) == commit
+
+
+@pytest.mark.parametrize(
+    ("pre", "expected"),
+    [
+        ({"size": {"height": 224, "width": 224}, "resample": 3}, (224, 224, 3)),
+        ({"size": 364}, (364, 364, 3)),
+        ({"size": {"shortest_edge": 384}, "resample": 2}, (384, 384, 2)),
+        ({"image_processor": {"size": {"height": 30, "width": 40}, "resample": 3}}, (30, 40, 3)),
+    ],
+)
+def test_image_settings(pre, expected):
+    got = model_store.image_settings(pre)
+    assert (got["height"], got["width"], got["resample"]) == expected
+
+
+def test_non_blip2_checkpoint_is_refused(tiny_models, tmp_path):
+    path = tmp_path / "other"
+    shutil.copytree(tiny_models["opt"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "llava"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelUnavailableError, match="BLIP-2"):
+        check_model_reachable(ModelSpec(model=str(path)), StorageOptions())
