@@ -103,3 +103,13 @@ def test_summary_dict_round_trips_without_secrets():
     flat = repr(d).lower()
     assert "secret" not in flat and "access_key" not in flat
 
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    from jobs.settings import SETTINGS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [name for name in SETTINGS if f"`{name}`" not in readme]
+    assert missing == []
