@@ -13,16 +13,19 @@ Exit codes: 0 done (bad images become error rows, they do not fail the job);
 
 from __future__ import annotations
 
+import collections
+import importlib.metadata
 import json
 import logging
 import sys
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from jobs.settings import config_from_argv
 from workers.config import AnnotateConfig, ConfigError
+from workers.ledger import LedgerError, OutputConflictError, ShardLedger
 from workers.listing import list_shards
 from workers.model_store import ModelUnavailableError, check_model_reachable
 from workers.storage import filesystem_for, join
@@ -30,23 +33,7 @@ from workers.storage import filesystem_for, join
 log = logging.getLogger("blip2_annotate")
 
 SUMMARY_NAME = "_summary.json"  # leading underscore: Parquet readers skip it
-
-
-class OutputExistsError(RuntimeError):
-    """The output location already holds data and overwrite was not asked for."""
-
-
-def prepare_output(cfg: AnnotateConfig) -> None:
-    """Refuse to mix runs in one output unless ``overwrite``; with it, delete first (logged)."""
-    fs, root = filesystem_for(cfg.output.url, cfg.storage)
-    if fs.exists(root) and fs.ls(root):
-        if not cfg.output.overwrite:
-            raise OutputExistsError(
-                f"output: {cfg.output.url} already holds data; "
-                "choose another location or pass --overwrite to replace it"
-            )
-        log.warning("overwrite: deleting existing output at %s", cfg.output.url)
-        fs.rm(root, recursive=True)
+MAX_REPLICA_INIT_DEATHS = 3
 
 
 def resolve_gpus_per_replica(cfg: AnnotateConfig, cluster_gpus: float) -> float:
@@ -74,12 +61,39 @@ def summary_line(summary: dict[str, Any]) -> str:
     )
 
 
+def code_version() -> str:
+    try:
+        return importlib.metadata.version("blip2-annotate")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape output rows; a resumed run must match them."""
+    manifest = {
+        "model": {"id": cfg.model.model, "revision": model_info.get("revision") or cfg.model.revision,
+                  "dtype": cfg.model.dtype},
+        "prompts": asdict(cfg.prompts),
+        "generation": asdict(cfg.generation),
+        "input": {k: v for k, v in asdict(cfg.input).items() if k != "urls"},
+        "decode": {"max_image_pixels": cfg.decode.max_image_pixels},
+        "output": {"partition_by": cfg.output.partition_by},
+        "code_version": code_version(),
+    }  # fmt: skip
+    return json.loads(json.dumps(manifest))  # tuples -> lists, as stored
+
+
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
-    """Run one job end to end and return its summary (also written next to the output)."""
+    """Run one job end to end and return its summary (also written next to the output).
+
+    Raises ModelUnavailableError, FileNotFoundError (no inputs), OutputConflictError
+    (output in use with other settings), or what Ray Data raised when the
+    pipeline itself failed (e.g. a replica that cannot load its model).
+    """
     import ray
+    import ray.data
 
     from workers.pipeline import build_dataset
-    from workers.writer import PartitionedParquetSink
 
     started = time.monotonic()
     model_info = check_model_reachable(cfg.model, cfg.storage)
@@ -88,32 +102,50 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     )
     shards, listing = list_shards(cfg.input, cfg.storage)
     log.info("found %d shards (%s)", len(shards), listing)
-    prepare_output(cfg)
-
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, when set, makes this join that cluster
-    gpus = resolve_gpus_per_replica(cfg, ray.cluster_resources().get("GPU", 0.0))
-    log.info("model stage: %s replicas, %.2f GPUs each", (cfg.resources.replicas_min, cfg.resources.replicas_max), gpus)
 
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    sink = PartitionedParquetSink(cfg.output, cfg.storage, cfg.input.passthrough_columns, run_id)
-    ds = build_dataset(cfg, shards, decode_spec, gpus, cfg.model.cache_dir)
-    ds.write_datasink(sink)
+    ledger = ShardLedger(cfg.output, cfg.storage, run_id)
+    plan = ledger.prepare(cfg.output.mode, manifest_for(cfg, model_info), [s.name for s in shards])
+    todo = [s for s in shards if s.name not in plan.done]
+
+    if todo:
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS, when set, makes this join that cluster
+        # A replica that cannot load its model fails every time; stop after a
+        # few attempts with the cause instead of restarting it forever.
+        ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = MAX_REPLICA_INIT_DEATHS
+        gpus = resolve_gpus_per_replica(cfg, ray.cluster_resources().get("GPU", 0.0))
+        log.info("model stage: replicas %s, %.2f GPUs each; %d of %d shards to do",
+                 (cfg.resources.replicas_min, cfg.resources.replicas_max), gpus, len(todo), len(shards))  # fmt: skip
+        ds = build_dataset(cfg, todo, decode_spec, gpus, cfg.model.cache_dir, run_id)
+        for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ledger.record(reports)
+        if ledger.incomplete():
+            raise LedgerError(f"shards without all their rows after the run: {ledger.incomplete()[:10]}")
+    else:
+        gpus = 0.0
     wall = time.monotonic() - started
 
-    counts = sink.counts or {"rows": 0, "ok": 0, "errors": {}, "files": 0}
+    markers = {**plan.done, **ledger.completed_this_run}
+    errors: collections.Counter[str] = collections.Counter()
+    for m in markers.values():
+        errors.update(m["errors"])
+    rows = sum(m["rows"] for m in markers.values())
+    rows_this_run = sum(m["rows"] for m in ledger.completed_this_run.values())
     summary = {
         "run_id": run_id,
         "output": cfg.output.url,
         "shards": len(shards),
-        "listing": listing if isinstance(listing, dict) else vars(listing),
-        "inputs": counts["rows"],
-        "ok": counts["ok"],
-        "errors": counts["rows"] - counts["ok"],
-        "errors_by_kind": counts["errors"],
-        "files_written": counts["files"],
+        "shards_skipped_as_done": len(plan.done),
+        "stray_files_removed": plan.removed_files,
+        "listing": asdict(listing),
+        "inputs": rows,
+        "ok": sum(m["ok"] for m in markers.values()),
+        "errors": rows - sum(m["ok"] for m in markers.values()),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "rows_this_run": rows_this_run,
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(counts["rows"] / wall, 3) if wall > 0 else 0.0,
+        "images_per_s": round(rows_this_run / wall, 3) if wall > 0 else 0.0,
         "gpus_per_replica": gpus,
         "model": model_info,
         "config": cfg.to_dict(),
@@ -130,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, OutputExistsError) as e:
+    except (FileNotFoundError, OutputConflictError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModelUnavailableError as e:

@@ -23,6 +23,7 @@ from workers.config import (
     DTYPES,
     INPUT_FORMATS,
     PARTITION_BY,
+    WRITE_MODES,
     AnnotateConfig,
     ConfigError,
     DecodeSpec,
@@ -181,7 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output", help="output URL (local path or s3://)")
     g.add_argument("--partition-by", choices=PARTITION_BY)
-    g.add_argument("--overwrite", action="store_true", help="delete existing output first")
+    g.add_argument("--mode", choices=WRITE_MODES, help="resume (default), overwrite, or error if output exists")
+    g.add_argument("--overwrite", dest="mode", action="store_const", const="overwrite", help="same as --mode overwrite")
     g.add_argument("--max-rows-per-file", type=int)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub id, local directory, s3:// prefix, or tiny-random (offline smoke test)")

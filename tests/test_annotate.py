@@ -223,13 +223,35 @@ def test_offline_default_model_fails_fast_with_fix(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_refused_unless_overwrite(ray_cluster, tmp_path, tiny_models, photos, capsys):
+def test_write_modes_resume_error_overwrite(ray_cluster, tmp_path, tiny_models, photos, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_models["opt"]),
             "--max-new-tokens", "3"]  # fmt: skip
     assert main(args) == 0
-    assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    first = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert first["rows_this_run"] == 1
+
+    assert main([*args, "--mode", "error"]) == 2
+    assert "--mode overwrite" in capsys.readouterr().err
+
+    assert main(args) == 0  # resume (the default): nothing left to do
+    again = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (again["rows_this_run"], again["shards_skipped_as_done"], again["inputs"]) == (0, 1, 1)
+
     assert main([*args, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_this_run"] == 1
     assert len(read_output(str(tmp_path / "out"))) == 1
+
+
+def test_resume_with_different_settings_is_refused(ray_cluster, tmp_path, tiny_models, photos, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["rocket"]))
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_models["opt"]),
+            "--max-new-tokens", "3", "--questions", "What is it?"]  # fmt: skip
+    assert main(args) == 0
+    assert main([*args[:-1], "Where is it?", "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err
+    assert "prompts.questions: was ['What is it?'], now ['Where is it?']" in err
+    assert "generation.max_new_tokens: was 3, now 5" in err

@@ -1,6 +1,8 @@
-"""Hive-partitioned Parquet writer (workers/writer.py): write through Ray Data, read back, compare."""
+"""Parquet writer stage (workers/writer.py): write through Ray Data, read back, compare."""
 
 from __future__ import annotations
+
+import json
 
 import duckdb
 import pyarrow as pa
@@ -10,7 +12,7 @@ import ray
 
 from workers import schema
 from workers.config import OutputSpec, StorageOptions
-from workers.writer import PartitionedParquetSink, conform, count_statuses, output_schema
+from workers.writer import REPORT_SCHEMA, conform, count_statuses, output_schema, write_rows
 
 
 def _rows(n_shards: int, per_shard: int) -> list[dict]:
@@ -36,40 +38,62 @@ def _rows(n_shards: int, per_shard: int) -> list[dict]:
                     "url": f"http://example.invalid/{i}.jpg",
                 }
             )
+        rows.append({"id": f"s3://b/in/{s:03d}.tar::<end>", "source": f"s3://b/in/{s:03d}.tar",
+                     "shard": f"{s:03d}.tar", "key": "", "status": "shard_end", "shard_rows": per_shard})  # fmt: skip
     return rows
 
 
-def _write(rows, url: str, storage: StorageOptions, **output_kwargs) -> PartitionedParquetSink:
-    sink = PartitionedParquetSink(OutputSpec(url=url, **output_kwargs), storage, ("url",), run_id="r1")
-    table = conform(pa.Table.from_pylist(rows), output_schema(("url",)))
-    ray.data.from_arrow(table).repartition(4).write_datasink(sink)
-    return sink
+def _table(rows) -> pa.Table:
+    target = pa.schema([*output_schema(("url",)), pa.field(schema.SHARD_ROWS, pa.int64())])
+    return conform(pa.Table.from_pylist(rows, schema=target), target)
+
+
+def _write(rows, url: str, storage: StorageOptions, **output_kwargs) -> pa.Table:
+    output = OutputSpec(url=url, **output_kwargs)
+    kwargs = {"output": output, "storage": storage, "passthrough": ("url",), "run_id": "r1"}
+    ds = ray.data.from_arrow(_table(rows)).repartition(4)
+    return pa.Table.from_pylist(
+        ds.map_batches(write_rows, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=9).take_all(),
+        schema=REPORT_SCHEMA,
+    )
 
 
 def test_round_trip_local_hive_partitions(ray_cluster, tmp_path):
     rows = _rows(3, 10)
-    sink = _write(rows, str(tmp_path / "out"), StorageOptions())
-    assert sink.counts["rows"] == 30 and sink.counts["ok"] == 24
-    assert sink.counts["errors"] == {"truncated_image": 6}
+    reports = _write(rows, str(tmp_path / "out"), StorageOptions()).to_pylist()
+    ends = {r["shard"]: r["shard_rows"] for r in reports if r["file"] is None}
+    assert ends == {"000.tar": 10, "001.tar": 10, "002.tar": 10}
+    files = [r for r in reports if r["file"] is not None]
+    assert sum(r["rows"] for r in files) == 30 and sum(r["ok"] for r in files) == 24
+    assert all(r["file"].startswith(f"{tmp_path}/out/shard={r['shard']}/part-r1-") for r in files)
 
     dirs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert dirs == ["shard=000.tar", "shard=001.tar", "shard=002.tar"]
     back = pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
-    assert sorted(back.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    data_rows = [r for r in rows if r["status"] != "shard_end"]
+    assert sorted(back.column("id").to_pylist()) == sorted(r["id"] for r in data_rows)
     by_id = {r["id"]: r for r in back.to_pylist()}
-    for r in rows:
+    for r in data_rows:
         got = by_id[r["id"]]
         assert got["caption"] == r["caption"] and got["answers"] == r["answers"] and got["url"] == r["url"]
         assert got["shard"] == r["shard"]
+    assert "shard_rows" not in back.column_names
+
+
+def test_rewriting_the_same_rows_replaces_the_same_files(ray_cluster, tmp_path):
+    """A retried write task produces the same names, so it cannot duplicate rows."""
+    rows = _rows(2, 6)
+    first = sorted(r["file"] for r in _write(rows, str(tmp_path / "o"), StorageOptions()).to_pylist() if r["file"])
+    second = sorted(r["file"] for r in _write(rows, str(tmp_path / "o"), StorageOptions()).to_pylist() if r["file"])
+    assert first == second
+    assert pads.dataset(str(tmp_path / "o"), partitioning="hive").count_rows() == 12
 
 
 def test_duckdb_reads_hive_output(ray_cluster, tmp_path):
     _write(_rows(2, 6), str(tmp_path / "out"), StorageOptions())
-    con = duckdb.connect()
-    result = con.execute(
+    result = duckdb.sql(
         "SELECT shard, count(*), count(caption) "
-        f"FROM read_parquet('{tmp_path}/out/**/*.parquet', hive_partitioning=true)"
-        " GROUP BY shard ORDER BY shard"
+        f"FROM read_parquet('{tmp_path}/out/**/*.parquet', hive_partitioning=true) GROUP BY shard ORDER BY shard"
     ).fetchall()
     assert result == [("000.tar", 6, 5), ("001.tar", 6, 5)]
 
@@ -78,18 +102,27 @@ def test_round_trip_s3(ray_cluster, s3_bucket, s3_storage):
     import s3fs
 
     rows = _rows(2, 7)
-    sink = _write(rows, f"s3://{s3_bucket}/out", s3_storage)
-    assert sink.counts["rows"] == 14
+    _write(rows, f"s3://{s3_bucket}/out", s3_storage)
     fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
     back = pads.dataset(f"{s3_bucket}/out", format="parquet", partitioning="hive", filesystem=fs).to_table()
-    assert sorted(back.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert sorted(back.column("id").to_pylist()) == sorted(r["id"] for r in rows if r["status"] != "shard_end")
 
 
-def test_unpartitioned_and_file_size_cap(ray_cluster, tmp_path):
-    sink = _write(_rows(1, 25), str(tmp_path / "flat"), StorageOptions(), partition_by="none", max_rows_per_file=10)
-    files = sorted((tmp_path / "flat").glob("*.parquet"))
-    assert len(files) == sink.counts["files"] >= 3
-    assert pads.dataset(str(tmp_path / "flat")).count_rows() == 25
+def test_unpartitioned_files_are_named_by_shard(ray_cluster, tmp_path):
+    reports = _write(_rows(2, 5), str(tmp_path / "flat"), StorageOptions(), partition_by="none").to_pylist()
+    names = sorted(p.name for p in (tmp_path / "flat").glob("*.parquet"))
+    assert names and all(n.startswith(("part-000.tar-r1-", "part-001.tar-r1-")) for n in names)
+    assert len(names) == len([r for r in reports if r["file"]])
+    assert pads.dataset(str(tmp_path / "flat")).count_rows() == 10
+
+
+def test_write_rows_reports_error_kinds(tmp_path):
+    table = _table(_rows(1, 10))
+    out = OutputSpec(url=str(tmp_path / "o"))
+    reports = write_rows(table, out, StorageOptions(), ("url",), "r2").to_pylist()
+    (file_report,) = [r for r in reports if r["file"]]
+    assert json.loads(file_report["errors"]) == {"truncated_image": 2}
+    assert (file_report["rows"], file_report["ok"]) == (10, 8)
 
 
 def test_conform_fills_missing_columns_and_orders():

@@ -20,6 +20,7 @@ TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 PARTITION_BY = ("shard", "none")
+WRITE_MODES = ("resume", "overwrite", "error")
 # GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Shard URL schemes that run commands (WebDataset's "pipe:") or are otherwise
@@ -217,7 +218,10 @@ class OutputSpec:
 
     url: str
     partition_by: str = "shard"
-    overwrite: bool = False
+    # resume: finish what an earlier run of the same settings started (the safe
+    # default for long jobs on preemptible machines); overwrite: delete first;
+    # error: refuse an output that already holds data.
+    mode: str = "resume"
     # ~100k rows of captions is a few MB of Parquet: large enough for efficient
     # scans, small enough that a lost write task costs little.
     max_rows_per_file: int = 100_000
@@ -227,6 +231,8 @@ class OutputSpec:
             _fail("output", "an output URL is required")
         if self.url.lower().startswith(FORBIDDEN_SCHEMES):
             _fail("output", f"{self.url!r} uses a command-running scheme, which is refused")
+        if self.mode not in WRITE_MODES:
+            _fail("mode", f"must be one of {WRITE_MODES}, got {self.mode!r}")
         if self.partition_by not in PARTITION_BY:
             _fail("partition_by", f"must be one of {PARTITION_BY}, got {self.partition_by!r}")
         if self.max_rows_per_file < 1:

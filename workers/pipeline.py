@@ -12,6 +12,13 @@ Why this shape:
   per actor, and ``concurrency=(min, max)`` lets the pool grow with the cluster.
 * Error rows flow through every stage (each stage passes through rows it
   cannot work on), so every input sample reaches the writer exactly once.
+* After a shard's last sample the reader emits a ``shard_end`` row holding
+  the shard's row count.  It flows through like an error row; the writer
+  turns it into a report, and the driver writes the shard's completion marker
+  once that many rows are durable (``workers/ledger.py``).
+* Writing is a map stage whose output is a small report per file, consumed by
+  the driver as a stream, so markers are written while the job runs and a
+  crash loses at most the shards in flight.
 """
 
 from __future__ import annotations
@@ -22,15 +29,20 @@ from collections.abc import Iterator
 import pyarrow as pa
 import ray
 
+from workers import schema
 from workers.config import AnnotateConfig, DecodeSpec, InputSpec, StorageOptions
 from workers.decode import decode_batch
 from workers.listing import ShardRef
 from workers.readers import read_shard
 from workers.replica import Blip2Replica
+from workers.writer import write_rows
 
 # Images per decode task call: large enough to amortise task overhead, small
 # enough (64 x 150 KB at 224 px) that a block stays well under Ray's 128 MiB target.
 DECODE_BATCH_ROWS = 64
+# Rows per written file at most: ~200 KB of Parquet. Small enough that rows
+# waiting for a full batch (and so for their shard marker) stay few.
+WRITE_BATCH_ROWS = 2_048
 
 
 def read_shards(batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int) -> Iterator[pa.Table]:
@@ -38,7 +50,24 @@ def read_shards(batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch
     for item in batch.to_pylist():
         item["files"] = tuple(item.get("files") or ())
         shard = ShardRef(**item)
-        yield from read_shard(shard, spec, storage, batch_rows=batch_rows)
+        rows = 0
+        for table in read_shard(shard, spec, storage, batch_rows=batch_rows):
+            rows += table.num_rows
+            yield table
+        yield shard_end_row(shard, spec, rows)
+
+
+def shard_end_row(shard: ShardRef, spec: InputSpec, rows: int) -> pa.Table:
+    """The bookkeeping row that tells the driver how many rows ``shard`` produced."""
+    row = {
+        schema.ID: f"{shard.uri}::<end>",
+        schema.SOURCE: shard.uri,
+        schema.SHARD: shard.name,
+        schema.KEY: "",
+        schema.STATUS: schema.STATUS_SHARD_END,
+        schema.SHARD_ROWS: rows,
+    }
+    return pa.Table.from_pylist([row], schema=schema.read_schema(spec.passthrough_columns))
 
 
 def shard_items(shards: list[ShardRef]) -> list[dict]:
@@ -51,8 +80,9 @@ def build_dataset(
     decode_spec: DecodeSpec,
     gpus_per_replica: float,
     model_cache_root: str | None,
+    run_id: str,
 ) -> ray.data.Dataset:
-    """Lazily build the dataset of output rows; nothing runs until it is consumed."""
+    """Lazily build the dataset of write reports (``writer.REPORT_SCHEMA``); nothing runs until consumed."""
     res = cfg.resources
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(
@@ -83,5 +113,16 @@ def build_dataset(
         concurrency=(res.replicas_min, res.replicas_max),
         num_gpus=gpus_per_replica,
         num_cpus=res.cpus_per_replica,
+    )
+    ds = ds.map_batches(
+        write_rows,
+        fn_kwargs={
+            "output": cfg.output,
+            "storage": cfg.storage,
+            "passthrough": cfg.input.passthrough_columns,
+            "run_id": run_id,
+        },
+        batch_size=min(cfg.output.max_rows_per_file, WRITE_BATCH_ROWS),
+        batch_format="pyarrow",
     )
     return ds

@@ -12,6 +12,10 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# A bookkeeping row the reader appends after a shard's last sample; it carries
+# the shard's row count in SHARD_ROWS so the driver knows when the shard is
+# complete.  Every stage passes it through; the writer never writes it.
+STATUS_SHARD_END = "shard_end"
 
 # Stage 1 (reader) output.  ``image`` holds the undecoded bytes.
 ID = "id"  # f"{source}::{key}", stable across reruns
@@ -23,6 +27,7 @@ STATUS = "status"
 ERROR_KIND = "error_kind"  # short snake_case tag, e.g. "truncated_image"
 ERROR = "error"  # human-readable reason
 ROW_QUESTIONS = "row_questions"  # per-row questions from an input column
+SHARD_ROWS = "shard_rows"  # only on STATUS_SHARD_END rows: rows the shard produced
 
 # Stage 2 (decode) output replaces ``image`` with these.
 PIXELS = "pixels"  # uint8 tensor (H, W, 3) at the model's input size
@@ -47,6 +52,7 @@ READ_FIELDS = [
     pa.field(ERROR_KIND, pa.string()),
     pa.field(ERROR, pa.string()),
     pa.field(ROW_QUESTIONS, pa.list_(pa.string())),
+    pa.field(SHARD_ROWS, pa.int64()),
 ]
 
 OUTPUT_FIELDS = [

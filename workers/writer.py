@@ -1,37 +1,52 @@
-"""Write annotated rows as hive-partitioned Parquet and count what was written.
+"""Write annotated rows as hive-partitioned Parquet and report what was written.
 
-A Ray Data ``Datasink``: each write task groups its rows by partition value
-(the input shard by default) and writes one Parquet file per partition under
-``<output>/shard=<name>/``.  File names are ``part-<run>-<task>-<n>.parquet``:
-deterministic for a given run and write task, so a retried task overwrites its
-own files instead of adding duplicates.  Every file becomes visible atomically
-(a single PUT on S3; temp file + rename on local disk), so readers never see a
-half-written file.
+``write_rows`` is the last Ray Data stage (a map over batches, run as tasks).
+For each batch it writes one Parquet file per shard present in the batch:
 
-The per-task counts (rows, ok, errors by kind) travel back to the driver in the
-write results, which is how the job summary is made without reading the output
-again.
+* ``<output>/shard=<name>/part-<run>-<digest>.parquet`` (``partition_by="shard"``), or
+* ``<output>/part-<name>-<run>-<digest>.parquet`` (``partition_by="none"``),
+
+where ``<digest>`` hashes the row ids in the file.  The name is a function of
+the run and the rows, so a retried task rewrites the same object instead of
+adding a duplicate, and every file belongs to exactly one shard, so a shard's
+files can be found (and, when incomplete, removed) by prefix.  Each file
+becomes visible atomically: a single PUT on S3; temp file + rename on local
+disk.
+
+The stage returns one small *report* row per file written (and one per
+shard-end marker row seen), which the driver folds into per-shard completion
+markers (``workers/ledger.py``).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource import Datasink
-from ray.data.datasource.datasink import WriteResult
 
 from workers import schema
 from workers.config import OutputSpec, StorageOptions
 from workers.storage import filesystem_for, join, protocol_of
 
 PARTITION_COLUMN = schema.SHARD
+
+REPORT_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("file", pa.string()),  # null on shard-end reports
+        pa.field("rows", pa.int64()),
+        pa.field("ok", pa.int64()),
+        pa.field("errors", pa.string()),  # JSON {error_kind: count}
+        pa.field("shard_rows", pa.int64()),  # set on shard-end reports only
+        pa.field("source", pa.string()),
+    ]
+)
 
 
 def output_schema(passthrough: tuple[str, ...] = ()) -> pa.Schema:
@@ -58,85 +73,72 @@ def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
 def count_statuses(table: pa.Table) -> dict[str, Any]:
     """``{"rows": n, "ok": n_ok, "errors": {kind: n}}`` for one table."""
     errors: collections.Counter[str] = collections.Counter()
-    mask = pc.equal(table.column(schema.STATUS), schema.STATUS_ERROR)
-    failed = table.filter(mask)
+    failed = table.filter(pc.equal(table.column(schema.STATUS), schema.STATUS_ERROR))
     for kind in failed.column(schema.ERROR_KIND).to_pylist():
         errors[kind or "unknown"] += 1
     return {"rows": table.num_rows, "ok": table.num_rows - failed.num_rows, "errors": dict(errors)}
 
 
-def merge_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"rows": 0, "ok": 0, "errors": collections.Counter(), "files": 0}
-    for c in counts:
-        total["rows"] += c["rows"]
-        total["ok"] += c["ok"]
-        total["files"] += c.get("files", 0)
-        total["errors"].update(c["errors"])
-    total["errors"] = dict(sorted(total["errors"].items()))
-    return total
+def shard_file_prefix(output: OutputSpec, root: str, shard: str) -> str:
+    """Path prefix shared by all of ``shard``'s files, and by no other shard's."""
+    if output.partition_by == "none":
+        return join(root, f"part-{shard}-")
+    return join(root, f"{PARTITION_COLUMN}={shard}") + "/"
 
 
-class PartitionedParquetSink(Datasink[dict]):
-    """Datasink writing ``OUTPUT_FIELDS`` (+ passthrough columns) as hive-partitioned Parquet.
+def file_path(output: OutputSpec, root: str, shard: str, run_id: str, ids: list[str]) -> str:
+    digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+    name = f"{run_id}-{digest}.parquet"
+    if output.partition_by == "shard":
+        name = f"part-{name}"
+    return shard_file_prefix(output, root, shard) + name
 
-    After ``write_datasink`` returns, :attr:`counts` holds the merged counts of
-    all write tasks.  A failing write raises (Ray Data retries the task; with
-    deterministic names the retry replaces the partial attempt's files).
+
+def write_parquet_atomic(fs, path: str, table: pa.Table, local: bool) -> None:
+    """Write ``table`` so that readers see either nothing or the whole file.
+
+    Raises the filesystem's error (``OSError`` and subclasses) on failure;
+    Ray Data then retries the task, which rewrites the same path.
     """
+    parent = path.rsplit("/", 1)[0]
+    if local:
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
 
-    def __init__(self, output: OutputSpec, storage: StorageOptions, passthrough: tuple[str, ...], run_id: str):
-        self.output = output
-        self.storage = storage
-        self.passthrough = passthrough
-        self.run_id = run_id
-        self.counts: dict[str, Any] | None = None
 
-    @property
-    def min_rows_per_write(self) -> int:
-        # Bundle small blocks so a write task makes few, reasonably sized files
-        # (one per partition it touches), never a file per batch.
-        return min(self.output.max_rows_per_file, 10_000)
-
-    def write(self, blocks: Iterable[Block], ctx) -> dict:
-        target = output_schema(self.passthrough)
-        tables = [conform(BlockAccessor.for_block(b).to_arrow(), target) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"rows": 0, "ok": 0, "errors": {}, "files": 0}
-        table = pa.concat_tables(tables)
-        fs, root = filesystem_for(self.output.url, self.storage)
-        files = 0
-        for subdir, part in self._partitions(table):
-            for start in range(0, part.num_rows, self.output.max_rows_per_file):
-                chunk = part.slice(start, self.output.max_rows_per_file)
-                name = f"part-{self.run_id}-{ctx.task_idx:06d}-{files:04d}.parquet"
-                self._write_file(fs, join(root, subdir, name) if subdir else join(root, name), chunk)
-                files += 1
-        counts = count_statuses(table)
-        counts["files"] = files
-        return counts
-
-    def _partitions(self, table: pa.Table):
-        if self.output.partition_by == "none":
-            yield "", table
-            return
-        # The partition value lives in the directory name, not in the file, as
-        # hive-partitioned readers (pyarrow, DuckDB, Spark) expect.
-        for value in sorted(set(table.column(PARTITION_COLUMN).to_pylist())):
-            part = table.filter(pc.equal(table.column(PARTITION_COLUMN), value))
-            yield f"{PARTITION_COLUMN}={value}", part.drop_columns([PARTITION_COLUMN])
-
-    def _write_file(self, fs, path: str, table: pa.Table) -> None:
-        parent = path.rsplit("/", 1)[0]
-        if protocol_of(self.output.url) == "file":
-            fs.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-            with fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-            fs.mv(tmp, path)
-        else:
-            with fs.open(path, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-
-    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
-        self.counts = merge_counts(write_result.write_returns)
+def write_rows(
+    batch: pa.Table, output: OutputSpec, storage: StorageOptions, passthrough: tuple[str, ...], run_id: str
+) -> pa.Table:
+    """Ray Data UDF: write ``batch``'s rows, return one report row per file and per shard end."""
+    reports: list[dict[str, Any]] = []
+    is_end = pc.equal(batch.column(schema.STATUS), schema.STATUS_SHARD_END)
+    for end in batch.filter(is_end).to_pylist():
+        reports.append(
+            {"shard": end[schema.SHARD], "file": None, "rows": 0, "ok": 0, "errors": "{}",
+             "shard_rows": end[schema.SHARD_ROWS], "source": end[schema.SOURCE]}
+        )  # fmt: skip
+    data = conform(batch.filter(pc.invert(is_end)), output_schema(passthrough))
+    if data.num_rows:
+        fs, root = filesystem_for(output.url, storage)
+        local = protocol_of(output.url) == "file"
+        for shard in sorted(set(data.column(PARTITION_COLUMN).to_pylist())):
+            part = data.filter(pc.equal(data.column(PARTITION_COLUMN), shard))
+            if output.partition_by == "shard":
+                # The partition value lives in the directory name, as hive readers expect.
+                part = part.drop_columns([PARTITION_COLUMN])
+            part = part.sort_by(schema.ID)
+            path = file_path(output, root, shard, run_id, part.column(schema.ID).to_pylist())
+            write_parquet_atomic(fs, path, part, local)
+            counts = count_statuses(part)
+            reports.append(
+                {"shard": shard, "file": path, "rows": counts["rows"], "ok": counts["ok"],
+                 "errors": json.dumps(counts["errors"], sort_keys=True), "shard_rows": None,
+                 "source": None}
+            )  # fmt: skip
+    return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
