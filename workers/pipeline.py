@@ -113,6 +113,12 @@ def build_dataset(
         concurrency=(res.replicas_min, res.replicas_max),
         num_gpus=gpus_per_replica,
         num_cpus=res.cpus_per_replica,
+        # SPREAD places replicas on different nodes first (one per GPU node
+        # before doubling up).  It also makes the actor's remote args differ
+        # from the decode tasks', which keeps Ray Data from fusing decoding
+        # into the model actors when replicas use no GPU: decoding must stay in
+        # its own CPU stage so the two scale apart.
+        scheduling_strategy="SPREAD",
     )
     ds = ds.map_batches(
         write_rows,

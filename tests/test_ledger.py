@@ -1,0 +1,197 @@
+"""Exactly-once bookkeeping (workers/ledger.py): crashes, reruns and SIGKILLed drivers.
+
+The chaos tests run ``python -m jobs.annotate`` as a real process joined to the
+session's Ray cluster, kill it with SIGKILL at random moments, and rerun it
+until it finishes; then they read the output back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+from imagefactory import jpeg_bytes
+
+from jobs.annotate import main
+from workers.config import OutputSpec, StorageOptions
+from workers.ledger import LedgerError, OutputConflictError, ShardLedger, manifest_diff
+from workers.writer import REPORT_SCHEMA
+
+pytestmark = pytest.mark.slow
+
+
+def make_shards(folder: Path, photos, n_shards: int, per_shard: int) -> set[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(photos)
+    ids = set()
+    for s in range(n_shards):
+        path = folder / f"{s:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                data = jpeg_bytes(photos[names[(s + i) % len(names)]][: 64 + 8 * i, : 64 + 8 * s], quality=80)
+                info = tarfile.TarInfo(f"{s:04d}_{i:03d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                ids.add(f"{path}::{s:04d}_{i:03d}")
+    return ids
+
+
+def output_ids(out: Path) -> list[str]:
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table(columns=["id"])
+    return table.column("id").to_pylist()
+
+
+def markers(out: Path) -> dict[str, dict]:
+    folder = out / "_markers"
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.exists() else {}
+
+
+def driver_cmd(inp: Path, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.annotate", "--input", str(inp), "--output", str(out), "--model", str(model),
+            "--max-new-tokens", "8", "--batch-size", "2", "--questions", "What is it?"]  # fmt: skip
+
+
+def test_driver_sigkill_chaos_then_rerun_is_exactly_once(ray_cluster, tmp_path, tiny_models, photos):
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "20261128")))
+    expected = make_shards(tmp_path / "in", photos, n_shards=16, per_shard=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cmd = driver_cmd(tmp_path / "in", out, tiny_models["opt"])
+
+    kills = 0
+    for _attempt in range(8):
+        done_before = markers(out)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if kills < 3:
+            try:
+                proc.wait(timeout=rng.uniform(3.0, 9.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        stdout, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-3000:]
+        break
+    else:
+        pytest.fail("job did not complete")
+    assert kills >= 1, "the chaos test never killed a driver; widen the kill window"
+
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)) == len(expected)  # no duplicates, nothing lost
+    assert set(ids) == expected
+    summary = json.loads((out / "_summary.json").read_text())
+    # The final run recomputed exactly the shards that had no marker when it started.
+    rows_left = len(expected) - sum(m["rows"] for m in done_before.values())
+    assert summary["rows_this_run"] == rows_left
+    assert summary["shards_skipped_as_done"] == len(done_before)
+    assert summary["inputs"] == summary["ok"] == len(expected)
+
+
+def test_data_written_but_marker_missing_is_redone_without_duplicates(ray_cluster, tmp_path, tiny_models, photos):
+    expected = make_shards(tmp_path / "in", photos, n_shards=3, per_shard=4)
+    out = tmp_path / "out"
+    args = driver_cmd(tmp_path / "in", out, tiny_models["opt"])[3:]
+    assert main(args) == 0
+    # Simulate a crash between the data and the marker of shard 0001.tar, plus
+    # a stray file of an older attempt that a zombie task wrote late.
+    marker = out / "_markers" / "0001.tar.json"
+    files = json.loads(marker.read_text())["files"]
+    marker.unlink()
+    shutil.copy(files[0], Path(files[0]).with_name("part-oldrun-0000000000000000.parquet"))
+    assert len(output_ids(out)) == len(expected) + 4  # duplicates are visible before the rerun
+
+    assert main(args) == 0
+    ids = output_ids(out)
+    assert sorted(ids) == sorted(expected)
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_this_run"] == 4 and summary["shards_skipped_as_done"] == 2
+    assert (out / "_markers" / "0001.tar.json").exists()
+
+
+def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path, tiny_models, photos):
+    expected = make_shards(tmp_path / "in", photos, n_shards=8, per_shard=4)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(driver_cmd(tmp_path / "in", out, tiny_models["opt"]), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        # Kill the replica once it has done some work (a marker exists) but not all.
+        if markers(out):
+            ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+            pids = [int(line.split()[0]) for line in ps.splitlines() if "Blip2Replica" in line and "ray::" in line]
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = pids[0]
+        time.sleep(0.05)
+    stdout, _ = proc.communicate(timeout=600)
+    assert killed is not None, "no replica process found to kill"
+    assert proc.returncode == 0, stdout[-3000:]
+    assert sorted(output_ids(out)) == sorted(expected)
+    assert len(markers(out)) == 8
+
+
+# --------------------------------------------------------------------------- unit level
+
+
+def _reports(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+
+
+def test_marker_only_when_all_rows_arrived_and_retries_count_once(tmp_path):
+    out = OutputSpec(url=str(tmp_path / "o"))
+    ledger = ShardLedger(out, StorageOptions(), "r1")
+    ledger.prepare("resume", {"v": 1}, ["a", "b"])
+    f1 = str(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
+    f2 = str(tmp_path / "o" / "shard=a" / "part-r1-2.parquet")
+    for f in (f1, f2):
+        Path(f).parent.mkdir(parents=True, exist_ok=True)
+        Path(f).write_bytes(b"x")
+    file_rep = {"shard": "a", "rows": 2, "ok": 1, "errors": '{"not_an_image": 1}', "shard_rows": None, "source": None}
+    assert ledger.record(_reports([{**file_rep, "file": f1}])) == []
+    assert ledger.record(_reports([{**file_rep, "file": f1}])) == []  # a retried task reports the same file
+    end = {"shard": "a", "file": None, "rows": 0, "ok": 0, "errors": "{}", "shard_rows": 4, "source": "s://a"}
+    assert ledger.record(_reports([end])) == []
+    assert ledger.record(_reports([{**file_rep, "file": f2}])) == ["a"]
+    marker = json.loads((tmp_path / "o" / "_markers" / "a.json").read_text())
+    assert (marker["rows"], marker["ok"], marker["errors"]) == (4, 2, {"not_an_image": 2})
+    assert ledger.incomplete() == []
+    # An empty shard completes from its end row alone.
+    assert ledger.record(_reports([{**end, "shard": "b", "shard_rows": 0}])) == ["b"]
+
+
+def test_more_rows_than_the_shard_has_is_an_error(tmp_path):
+    ledger = ShardLedger(OutputSpec(url=str(tmp_path / "o")), StorageOptions(), "r1")
+    rep = {"shard": "a", "ok": 1, "errors": "{}", "source": None}
+    ledger.record(_reports([{**rep, "file": None, "rows": 0, "shard_rows": 1}]))
+    with pytest.raises(LedgerError, match="shard a: 2 rows written but the shard has 1"):
+        ledger.record(_reports([{**rep, "file": str(tmp_path / "f"), "rows": 2, "shard_rows": None}]))
+
+
+def test_manifest_mismatch_names_what_differs(tmp_path, s3_bucket, s3_storage):
+    out = OutputSpec(url=f"s3://{s3_bucket}/o")
+    ShardLedger(out, s3_storage, "r1").prepare("resume", {"model": {"id": "m1"}, "code_version": "1"}, ["a"])
+    with pytest.raises(OutputConflictError, match=r"model\.id: was 'm1', now 'm2'"):
+        ShardLedger(out, s3_storage, "r2").prepare("resume", {"model": {"id": "m2"}, "code_version": "1"}, ["a"])
+    # A new code version alone is not a settings change.
+    ShardLedger(out, s3_storage, "r3").prepare("resume", {"model": {"id": "m1"}, "code_version": "2"}, ["a"])
+    with pytest.raises(OutputConflictError, match="write mode 'error'"):
+        ShardLedger(out, s3_storage, "r4").prepare("error", {"model": {"id": "m1"}}, ["a"])
+
+
+def test_manifest_diff_nested():
+    assert manifest_diff({"a": {"b": 1, "c": [1]}}, {"a": {"b": 2, "c": [1]}}) == ["a.b: was 1, now 2"]
