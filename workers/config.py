@@ -46,9 +46,21 @@ class StorageOptions:
     region: str | None = None
     anon: bool = False
 
+    # botocore's own retries, per request: "adaptive" backs off exponentially on
+    # 5xx, throttling (SlowDown) and dropped connections, and rate-limits the
+    # client while S3 throttles.  Ten attempts ride out minutes-long brownouts.
+    retry_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.retry_attempts < 1:
+            _fail("retry_attempts", f"must be >= 1, got {self.retry_attempts}")
+
     def fsspec_options(self) -> dict[str, Any]:
         """Keyword arguments for ``fsspec.filesystem("s3", ...)``."""
-        opts: dict[str, Any] = {"anon": self.anon}
+        opts: dict[str, Any] = {
+            "anon": self.anon,
+            "config_kwargs": {"retries": {"max_attempts": self.retry_attempts, "mode": "adaptive"}},
+        }
         client_kwargs: dict[str, Any] = {}
         if self.endpoint_url:
             client_kwargs["endpoint_url"] = self.endpoint_url
@@ -77,7 +89,7 @@ class InputSpec:
         for url in self.urls:
             if not isinstance(url, str) or not url.strip():
                 _fail("input", f"empty input URL in {list(self.urls)!r}")
-            if url.lower().startswith(FORBIDDEN_SCHEMES):
+            if url.strip().lower().startswith(FORBIDDEN_SCHEMES):
                 _fail("input", f"{url!r} uses a command-running scheme, which is refused")
         if self.format not in INPUT_FORMATS:
             _fail("input_format", f"must be one of {INPUT_FORMATS}, got {self.format!r}")
@@ -229,7 +241,7 @@ class OutputSpec:
     def __post_init__(self) -> None:
         if not self.url or not self.url.strip():
             _fail("output", "an output URL is required")
-        if self.url.lower().startswith(FORBIDDEN_SCHEMES):
+        if self.url.strip().lower().startswith(FORBIDDEN_SCHEMES):
             _fail("output", f"{self.url!r} uses a command-running scheme, which is refused")
         if self.mode not in WRITE_MODES:
             _fail("mode", f"must be one of {WRITE_MODES}, got {self.mode!r}")

@@ -1,0 +1,71 @@
+"""One fsspec code path (workers/storage.py) that rides out flaky S3.
+
+Faults come from a real proxy on 127.0.0.1 in front of the moto server
+(tests/faulty_proxy.py): every few requests it answers 503 SlowDown or drops
+the connection, on listing, reads and writes alike.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow.dataset as pads
+import pytest
+import s3fs
+from faulty_proxy import FaultyProxy
+from imagefactory import jpeg_bytes
+
+from jobs.annotate import main
+from workers.config import StorageOptions
+from workers.storage import filesystem_for, join, protocol_of
+
+
+def test_protocols_and_join():
+    assert protocol_of("/data/x") == "file" and protocol_of("s3://b/k") == "s3"
+    assert join("s3://b/out/", "shard=a", "f.parquet") == "s3://b/out/shard=a/f.parquet"
+    fs, path = filesystem_for("s3://bucket/key", StorageOptions(endpoint_url="http://127.0.0.1:1"))
+    assert path == "bucket/key" and fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:1"
+
+
+def test_flaky_endpoint_list_read_write_are_retried(s3_endpoint, s3_bucket):
+    with FaultyProxy(s3_endpoint, every=3) as proxy:
+        fs, root = filesystem_for(f"s3://{s3_bucket}/f", StorageOptions(endpoint_url=proxy.url))
+        fs.invalidate_cache()
+        for i in range(12):
+            fs.pipe_file(f"{root}/{i:02d}.bin", bytes([i]) * 1000)
+        assert len(fs.ls(root, refresh=True)) == 12
+        assert all(fs.cat_file(f"{root}/{i:02d}.bin") == bytes([i]) * 1000 for i in range(12))
+    assert proxy.faults["PUT 503"] and proxy.faults["PUT drop"] and proxy.faults["GET 503"] + proxy.faults["GET drop"]
+
+
+@pytest.mark.slow
+def test_pipeline_over_flaky_s3_is_complete_and_not_duplicated(ray_cluster, s3_endpoint, s3_bucket, tiny_models,
+                                                               photos):  # fmt: skip
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    expected = set()
+    for s in range(4):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(3):
+                data = jpeg_bytes(photos["chelsea"][: 100 + 10 * i, : 120 + 10 * s])
+                info = tarfile.TarInfo(f"{s}-{i}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                expected.add(f"s3://{s3_bucket}/in/{s}.tar::{s}-{i}")
+        direct.pipe_file(f"{s3_bucket}/in/{s}.tar", buf.getvalue())
+
+    with FaultyProxy(s3_endpoint, every=3) as proxy:
+        code = main(
+            ["--input", f"s3://{s3_bucket}/in/", "--output", f"s3://{s3_bucket}/out", "--endpoint-url", proxy.url,
+             "--model", str(tiny_models["opt"]), "--max-new-tokens", "3"]
+        )  # fmt: skip
+    assert code == 0
+    faulted = {k.split()[0] for k in proxy.faults}
+    assert {"GET", "PUT"} <= faulted and "LIST" in faulted, (proxy.faults, proxy.requests)  # all kinds hit faults
+    direct.invalidate_cache()
+    ids = pads.dataset(f"{s3_bucket}/out", partitioning="hive", filesystem=direct).to_table().column("id").to_pylist()
+    assert sorted(ids) == sorted(expected)  # complete, no duplicates
+    summary = json.loads(direct.cat_file(f"{s3_bucket}/out/_summary.json"))
+    assert summary["inputs"] == summary["ok"] == 12
