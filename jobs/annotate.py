@@ -8,7 +8,8 @@ Joins the cluster named by ``RAY_ADDRESS`` (which ``ray job submit`` sets) and
 starts a local Ray otherwise.
 
 Exit codes: 0 done (bad images become error rows, they do not fail the job);
-2 invalid configuration, input or output location; 3 model unavailable.
+2 invalid configuration, input or output location; 3 model unavailable or
+replicas cannot load it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import time
 import uuid
 from dataclasses import asdict, replace
 from typing import Any
+
+import ray
+import ray.exceptions
 
 from jobs.settings import config_from_argv
 from workers.config import AnnotateConfig, ConfigError
@@ -90,7 +94,6 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     (output in use with other settings), or what Ray Data raised when the
     pipeline itself failed (e.g. a replica that cannot load its model).
     """
-    import ray
     import ray.data
 
     from workers.pipeline import build_dataset
@@ -167,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModelUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ray.exceptions.ActorDiedError as e:
+        # Ray Data gave up on replicas that die while starting (after
+        # MAX_REPLICA_INIT_DEATHS tries): name the cause, not Ray's wrapper.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line for line in reversed(lines) if "ModelLoadError" in line), lines[0] if lines else repr(e))
+        print(f"error: model replicas failed to start: {cause}", file=sys.stderr)
         return 3
     print(summary_line(summary))
     print(f"summary: {summary['summary_url']}")

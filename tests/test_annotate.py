@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -260,3 +261,18 @@ def test_resume_with_different_settings_is_refused(ray_cluster, tmp_path, tiny_m
     assert "different settings" in err
     assert "prompts.questions: was ['What is it?'], now ['Where is it?']" in err
     assert "generation.max_new_tokens: was 3, now 5" in err
+
+
+def test_model_that_cannot_load_stops_the_job_quickly_with_the_cause(ray_cluster, tmp_path, tiny_models, photos,
+                                                                     capsys):  # fmt: skip
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["opt"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # a corrupt weights file
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    started = time.monotonic()
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(broken)])
+    assert code == 3
+    assert time.monotonic() - started < 180  # gives up after a few tries, not forever
+    err = capsys.readouterr().err
+    assert "model replicas failed to start" in err and "cannot load BLIP-2" in err
