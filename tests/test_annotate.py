@@ -6,13 +6,11 @@ BLIP-2 actor -> Parquet) and reads the output back.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import s3fs
 from imagefactory import broken_image_cases, jpeg_bytes, png_bytes
 from PIL import Image, ImageOps
 from reference import Reference
+from shards import tar_bytes
 
 from jobs.annotate import main
 from workers.config import GenerationSpec
@@ -34,16 +33,6 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = ["What is in the picture?", "What colour is it?"]
 MAX_NEW = 6
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def read_output(url: str, storage_options: dict | None = None) -> list[dict]:

@@ -7,7 +7,6 @@ until it finishes; then they read the output back.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -15,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from imagefactory import jpeg_bytes
+from shards import write_tar
 
 from jobs.annotate import main
 from workers.config import OutputSpec, StorageOptions
@@ -38,13 +37,12 @@ def make_shards(folder: Path, photos, n_shards: int, per_shard: int) -> set[str]
     ids = set()
     for s in range(n_shards):
         path = folder / f"{s:04d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                data = jpeg_bytes(photos[names[(s + i) % len(names)]][: 64 + 8 * i, : 64 + 8 * s], quality=80)
-                info = tarfile.TarInfo(f"{s:04d}_{i:03d}.jpg")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                ids.add(f"{path}::{s:04d}_{i:03d}")
+        members = []
+        for i in range(per_shard):
+            data = jpeg_bytes(photos[names[(s + i) % len(names)]][: 64 + 8 * i, : 64 + 8 * s], quality=80)
+            members.append((f"{s:04d}_{i:03d}.jpg", data))
+            ids.add(f"{path}::{s:04d}_{i:03d}")
+        write_tar(path, members)
     return ids
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pyarrow as pa
 from imagefactory import jpeg_bytes
+from shards import write_tar
 
 from jobs.settings import build_config
 from workers import schema
@@ -15,17 +13,9 @@ from workers.listing import list_shards
 from workers.pipeline import build_dataset, read_shards, shard_items
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_read_stage_appends_one_shard_end_row_per_shard(tmp_path, photos):
-    _tar(tmp_path / "a.tar", [("x.jpg", jpeg_bytes(photos["coffee"])), ("y.jpg", b""), ("z.txt", b"t")])
-    _tar(tmp_path / "b.tar", [("only.txt", b"no image here")])
+    write_tar(tmp_path / "a.tar", [("x.jpg", jpeg_bytes(photos["coffee"])), ("y.jpg", b""), ("z.txt", b"t")])
+    write_tar(tmp_path / "b.tar", [("only.txt", b"no image here")])
     cfg = build_config({"input": [str(tmp_path)], "output": str(tmp_path / "out")})
     shards, _ = list_shards(cfg.input, cfg.storage)
     batch = pa.Table.from_pylist(shard_items(shards))
@@ -37,7 +27,7 @@ def test_read_stage_appends_one_shard_end_row_per_shard(tmp_path, photos):
 
 
 def test_decode_runs_in_its_own_cpu_stage_not_inside_the_model_actors(ray_cluster, tmp_path, tiny_models, photos):
-    _tar(tmp_path / "a.tar", [(f"{i}.jpg", jpeg_bytes(photos["rocket"])) for i in range(3)])
+    write_tar(tmp_path / "a.tar", [(f"{i}.jpg", jpeg_bytes(photos["rocket"])) for i in range(3)])
     cfg = build_config(
         {"input": [str(tmp_path / "a.tar")], "output": str(tmp_path / "out"), "model": str(tiny_models["opt"]),
          "max_new_tokens": 2}

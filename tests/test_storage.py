@@ -7,15 +7,14 @@ the connection, on listing, reads and writes alike.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pyarrow.dataset as pads
 import pytest
 import s3fs
 from faulty_proxy import FaultyProxy
 from imagefactory import jpeg_bytes
+from shards import tar_bytes
 
 from jobs.annotate import main
 from workers.config import StorageOptions
@@ -46,15 +45,9 @@ def test_pipeline_over_flaky_s3_is_complete_and_not_duplicated(ray_cluster, s3_e
     direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     expected = set()
     for s in range(4):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for i in range(3):
-                data = jpeg_bytes(photos["chelsea"][: 100 + 10 * i, : 120 + 10 * s])
-                info = tarfile.TarInfo(f"{s}-{i}.jpg")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                expected.add(f"s3://{s3_bucket}/in/{s}.tar::{s}-{i}")
-        direct.pipe_file(f"{s3_bucket}/in/{s}.tar", buf.getvalue())
+        members = [(f"{s}-{i}.jpg", jpeg_bytes(photos["chelsea"][: 100 + 10 * i, : 120 + 10 * s])) for i in range(3)]
+        expected |= {f"s3://{s3_bucket}/in/{s}.tar::{s}-{i}" for i in range(3)}
+        direct.pipe_file(f"{s3_bucket}/in/{s}.tar", tar_bytes(members))
 
     with FaultyProxy(s3_endpoint, every=3) as proxy:
         code = main(
