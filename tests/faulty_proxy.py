@@ -23,12 +23,14 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection
 
 class FaultyProxy:
     """Forward to ``upstream``; fault every ``every``-th request of each kind (GET, PUT, LIST, HEAD, ...),
-    alternating 503 and a dropped connection, so every kind of call meets both faults."""
+    alternating 503 and a dropped connection, so every kind of call meets both faults.
+    ``every=0`` injects nothing: a counting proxy."""
 
     def __init__(self, upstream: str, every: int = 4):
         self.upstream = urlsplit(upstream)
         self.every = every
         self.requests: Counter[str] = Counter()
+        self.paths: Counter[str] = Counter()  # "GET /bucket/key" -> count, query strings dropped
         self.faults: Counter[str] = Counter()  # "GET 503", "PUT drop", ...
         self._lock = threading.Lock()
         proxy = self
@@ -55,6 +57,7 @@ class FaultyProxy:
             def _handle(self):
                 body = self._body()
                 kind = "LIST" if self.command == "GET" and "list-type" in self.path else self.command
+                proxy._count_path(f"{self.command} {self.path.split('?', 1)[0]}")
                 fault = proxy._next_fault(kind)
                 if fault == "503":
                     proxy._count(f"{kind} 503")
@@ -101,9 +104,13 @@ class FaultyProxy:
         with self._lock:
             self.requests[kind] += 1
             n = self.requests[kind]
-        if n % self.every:
+        if not self.every or n % self.every:
             return None
         return "503" if (n // self.every) % 2 else "drop"
+
+    def _count_path(self, what: str) -> None:
+        with self._lock:
+            self.paths[what] += 1
 
     def _count(self, what: str) -> None:
         with self._lock:

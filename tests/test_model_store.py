@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from workers import model_store, tiny_model
 from workers.config import ModelSpec, StorageOptions
@@ -280,3 +281,30 @@ def test_non_blip2_checkpoint_is_refused(tiny_models, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelUnavailableError, match="BLIP-2"):
         check_model_reachable(ModelSpec(model=str(path)), StorageOptions())
+
+
+@pytest.mark.slow
+def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models, s3_endpoint, s3_bucket, s3_storage,
+                                                        tmp_path, photos):  # fmt: skip
+    """Through the real pipeline: two model replicas on this one-node cluster, one download of the weights."""
+    from faulty_proxy import FaultyProxy
+    from imagefactory import jpeg_bytes
+
+    from jobs.annotate import main
+
+    fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
+    fs.put(str(tiny_models["opt"]) + "/", f"{s3_bucket}/models/tiny/", recursive=True)
+    (tmp_path / "in").mkdir()
+    for i in range(8):
+        (tmp_path / "in" / f"{i}.jpg").write_bytes(jpeg_bytes(photos["coffee"][: 100 + i, : 100 + i]))
+    with FaultyProxy(s3_endpoint, every=0) as counter:
+        code = main(
+            ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--endpoint-url", counter.url,
+             "--model", f"s3://{s3_bucket}/models/tiny", "--model-cache-dir", str(tmp_path / "cache"),
+             "--replicas", "2", "--cpus-per-replica", "0.5", "--batch-size", "1", "--max-new-tokens", "2"]
+        )  # fmt: skip
+    assert code == 0
+    weight_gets = counter.paths[f"GET /{s3_bucket}/models/tiny/model.safetensors"]
+    assert weight_gets == 1, counter.paths
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["ok"] == 8
