@@ -120,7 +120,10 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         gpus = resolve_gpus_per_replica(cfg, ray.cluster_resources().get("GPU", 0.0))
         log.info("model stage: replicas %s, %.2f GPUs each; %d of %d shards to do",
                  (cfg.resources.replicas_min, cfg.resources.replicas_max), gpus, len(todo), len(shards))  # fmt: skip
-        ds = build_dataset(cfg, todo, decode_spec, gpus, cfg.model.cache_dir, run_id)
+        # Replicas load the revision the driver checked and the manifest records,
+        # even if the hub's branch moves while the job runs.
+        pinned = replace(cfg, model=replace(cfg.model, revision=model_info.get("revision") or cfg.model.revision))
+        ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id)
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.record(reports)
         if ledger.incomplete():
@@ -140,6 +143,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "output": cfg.output.url,
         "shards": len(shards),
         "shards_skipped_as_done": len(plan.done),
+        "orphan_markers": len(plan.orphan_markers),
         "stray_files_removed": plan.removed_files,
         "listing": asdict(listing),
         "inputs": rows,

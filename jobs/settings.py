@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -130,7 +131,12 @@ def build_config(settings: dict[str, Any]) -> AnnotateConfig:
     if "url" not in per_section["output"]:
         raise ConfigError("output: an output URL is required (--output or 'output:' in the config file)")
     built = {section: SECTIONS[section](**values) for section, values in per_section.items()}
-    return AnnotateConfig(**built)
+    cfg = AnnotateConfig(**built)
+    if "://" not in cfg.output.url:
+        # Workers resolve paths against their own working directory (under
+        # `ray job submit`, the unpacked package): make a local output absolute here.
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, url=os.path.abspath(cfg.output.url)))
+    return cfg
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -193,3 +193,63 @@ def test_manifest_mismatch_names_what_differs(tmp_path, s3_bucket, s3_storage):
 
 def test_manifest_diff_nested():
     assert manifest_diff({"a": {"b": 1, "c": [1]}}, {"a": {"b": 2, "c": [1]}}) == ["a.b: was 1, now 2"]
+
+
+def _touch(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PAR1")
+    return str(path)
+
+
+def _complete_shard(ledger: ShardLedger, shard: str, files: list[str]) -> None:
+    rep = {"shard": shard, "rows": 1, "ok": 1, "errors": "{}", "shard_rows": None, "source": None}
+    ledger.record(_reports([{**rep, "file": f} for f in files]))
+    end = {"shard": shard, "file": None, "rows": 0, "ok": 0, "errors": "{}", "shard_rows": len(files), "source": "s"}
+    assert ledger.record(_reports([end])) == [shard]
+
+
+def test_unpartitioned_shard_names_that_prefix_each_other_stay_apart(tmp_path):
+    out = OutputSpec(url=str(tmp_path / "o"), partition_by="none")
+    ledger = ShardLedger(out, StorageOptions(), "r1")
+    ledger.prepare("resume", {"v": 1}, ["a", "a-1"])
+    f_a1 = _touch(tmp_path / "o" / "part-a-1~r1-0001.parquet")
+    _complete_shard(ledger, "a-1", [f_a1])
+    f_a = _touch(tmp_path / "o" / "part-a~r1-0002.parquet")
+    _complete_shard(ledger, "a", [f_a])  # completing "a" must not take "a-1"'s file for a stray
+    assert Path(f_a1).exists() and Path(f_a).exists()
+    # A rerun where "a" lost its marker redoes "a" only.
+    (tmp_path / "o" / "_markers" / "a.json").unlink()
+    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, ["a", "a-1"])
+    assert set(plan.done) == {"a-1"} and Path(f_a1).exists() and not Path(f_a).exists()
+
+
+def test_resume_reconciles_files_with_markers(tmp_path):
+    out = OutputSpec(url=str(tmp_path / "o"))
+    ledger = ShardLedger(out, StorageOptions(), "r1")
+    ledger.prepare("resume", {"v": 1}, ["a", "b", "c"])
+    fa = _touch(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
+    fb = _touch(tmp_path / "o" / "shard=b" / "part-r1-2.parquet")
+    fc = _touch(tmp_path / "o" / "shard=c" / "part-r1-3.parquet")
+    for shard, f in (("a", fa), ("b", fb), ("c", fc)):
+        _complete_shard(ledger, shard, [f])
+    late = _touch(tmp_path / "o" / "shard=a" / "part-zombie-9.parquet")  # landed after a's marker
+    Path(fb).unlink()  # b's marker survives its data (an interrupted delete)
+    (tmp_path / "o" / "_markers" / "c.json").write_text("{not json")  # a torn marker
+    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, ["a", "b", "c"])
+    assert set(plan.done) == {"a"}
+    assert not Path(late).exists() and Path(fa).exists()
+    assert not (tmp_path / "o" / "_markers" / "b.json").exists()
+    assert not Path(fc).exists()  # c is redone from scratch
+
+
+def test_a_late_report_for_a_complete_shard_is_ignored_or_removed(tmp_path):
+    out = OutputSpec(url=str(tmp_path / "o"))
+    ledger = ShardLedger(out, StorageOptions(), "r1")
+    ledger.prepare("resume", {"v": 1}, ["a"])
+    fa = _touch(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
+    _complete_shard(ledger, "a", [fa])
+    rep = {"shard": "a", "rows": 1, "ok": 1, "errors": "{}", "shard_rows": None, "source": None}
+    assert ledger.record(_reports([{**rep, "file": fa}])) == []  # retried write of a listed file
+    dup = _touch(tmp_path / "o" / "shard=a" / "part-r1-2.parquet")
+    ledger.record(_reports([{**rep, "file": dup}]))
+    assert Path(fa).exists() and not Path(dup).exists() and ledger.incomplete() == []

@@ -113,3 +113,9 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [name for name in SETTINGS if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_local_output_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert build_config({"input": ["i"], "output": "out/x"}).output.url == str(tmp_path / "out" / "x")
+    assert build_config({"input": ["i"], "output": "s3://b/o"}).output.url == "s3://b/o"

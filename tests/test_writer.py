@@ -111,7 +111,7 @@ def test_round_trip_s3(ray_cluster, s3_bucket, s3_storage):
 def test_unpartitioned_files_are_named_by_shard(ray_cluster, tmp_path):
     reports = _write(_rows(2, 5), str(tmp_path / "flat"), StorageOptions(), partition_by="none").to_pylist()
     names = sorted(p.name for p in (tmp_path / "flat").glob("*.parquet"))
-    assert names and all(n.startswith(("part-000.tar-r1-", "part-001.tar-r1-")) for n in names)
+    assert names and all(n.startswith(("part-000.tar~r1-", "part-001.tar~r1-")) for n in names)
     assert len(names) == len([r for r in reports if r["file"]])
     assert pads.dataset(str(tmp_path / "flat")).count_rows() == 10
 

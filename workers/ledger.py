@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,7 @@ import pyarrow as pa
 
 from workers.config import WRITE_MODES, OutputSpec, StorageOptions
 from workers.storage import filesystem_for, join, protocol_of
-from workers.writer import shard_file_prefix
+from workers.writer import PARTITION_COLUMN, put_atomic, shard_of_file
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +49,18 @@ class LedgerError(RuntimeError):
 
 
 def _write_json_atomic(fs, path: str, payload: Any, local: bool) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True)
-    if local:
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-        fs.pipe_file(tmp, text.encode())
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, text.encode())
+    put_atomic(fs, path, json.dumps(payload, indent=2, sort_keys=True).encode(), local)
 
 
 def manifest_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two manifests (``code_version`` is informational)."""
+    """Human-readable differences between two manifests.
+
+    ``code_version`` is informational, and so is a setting the old manifest
+    does not know (added by a newer version of this code).
+    """
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if key == "code_version" and not prefix:
+        if (key == "code_version" and not prefix) or key not in old:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -81,6 +76,7 @@ class ResumePlan:
 
     done: dict[str, dict[str, Any]]  # shard name -> marker payload
     removed_files: int = 0
+    orphan_markers: list[str] = field(default_factory=list)  # done shards no longer in the input listing
 
 
 @dataclass
@@ -111,13 +107,15 @@ class ShardLedger:
         return bool(self.fs.exists(self.root) and self.fs.ls(self.root))
 
     def prepare(self, mode: str, manifest: dict[str, Any], shard_names: list[str]) -> ResumePlan:
-        """Apply the write mode and return what is already done.
+        """Apply the write mode, reconcile files with markers, and return what is already done.
 
         Raises OutputConflictError in ``error`` mode when the output holds data,
-        and in ``resume`` mode when the stored manifest differs from ``manifest``.
+        and in ``resume`` mode when the stored manifest differs from ``manifest``
+        or cannot be read.
         """
         if mode not in WRITE_MODES:
             raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}")
+        self.fs.invalidate_cache()  # other processes (earlier drivers, workers) wrote here
         if self._has_data():
             if mode == "error":
                 raise OutputConflictError(
@@ -126,7 +124,12 @@ class ShardLedger:
                 )
             if mode == "overwrite":
                 log.warning("write mode overwrite: deleting existing output at %s", self.output.url)
-                self.fs.rm(self.root, recursive=True)
+                # Markers first, then the manifest, then data: if this is
+                # interrupted, no marker survives whose files are gone.
+                for path in (join(self.root, MARKERS_DIR), join(self.root, MANIFEST_NAME), self.root):
+                    if self.fs.exists(path):
+                        self.fs.rm(path, recursive=True)
+                self.fs.invalidate_cache()
         old = self._read_manifest()
         if old is not None:
             diffs = manifest_diff(old, manifest)
@@ -139,20 +142,58 @@ class ShardLedger:
                 log.warning("resuming output written by code version %s with %s",
                             old.get("code_version"), manifest.get("code_version"))  # fmt: skip
         _write_json_atomic(self.fs, join(self.root, MANIFEST_NAME), manifest, self.local)
-        done = self._read_markers()
-        plan = ResumePlan(done={name: done[name] for name in shard_names if name in done})
-        todo = [name for name in shard_names if name not in done]
-        plan.removed_files = self._remove_stray_files(todo) if old is not None else 0
-        if plan.done:
+        return self._reconcile(self._read_markers(), shard_names)
+
+    def _reconcile(self, markers: dict[str, dict[str, Any]], shard_names: list[str]) -> ResumePlan:
+        """Make the files agree with the markers, from one listing of the output.
+
+        * a marker whose files are not all there is dropped (its shard is redone);
+        * files of a marked shard that its marker does not list (a write that
+          landed after the marker) are deleted;
+        * files of shards without a marker (a run that died) are deleted.
+        """
+        files_by_shard: dict[str, set[str]] = collections.defaultdict(set)
+        for path in self.fs.find(self.root):
+            shard = shard_of_file(self.output, self.root, path)
+            if shard is not None:
+                files_by_shard[shard].add(path)
+        listed = set(shard_names)
+        plan = ResumePlan(done={}, orphan_markers=sorted(set(markers) - listed))
+        if plan.orphan_markers:
+            log.warning("%d completed shards are not in the input listing any more (e.g. %s); their rows stay",
+                        len(plan.orphan_markers), plan.orphan_markers[:3])  # fmt: skip
+        stray: list[str] = []
+        for name in shard_names:
+            present = files_by_shard.get(name, set())
+            marker = markers.get(name)
+            if marker is not None:
+                wanted = {self._strip(f) for f in marker["files"]}
+                if wanted <= present:
+                    plan.done[name] = marker
+                    stray += sorted(present - wanted)
+                    continue
+                log.warning("shard %s: marker lists files that are gone; redoing the shard", name)
+                self.fs.rm(join(self.root, MARKERS_DIR, f"{name}.json"))
+            stray += sorted(present)
+        if stray:
+            self.fs.rm(stray)
+        plan.removed_files = len(stray)
+        if plan.done or stray:
             log.info("resume: %d of %d shards already complete, %d stray files removed",
-                     len(plan.done), len(shard_names), plan.removed_files)  # fmt: skip
+                     len(plan.done), len(shard_names), len(stray))  # fmt: skip
         return plan
 
     def _read_manifest(self) -> dict[str, Any] | None:
         path = join(self.root, MANIFEST_NAME)
         if not self.fs.exists(path):
             return None
-        return json.loads(self.fs.cat_file(path))
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OutputConflictError(
+                f"output: {join(self.output.url, MANIFEST_NAME)} is not readable JSON ({e}); "
+                "use --mode overwrite to start this output again"
+            ) from e
 
     def _read_markers(self) -> dict[str, dict[str, Any]]:
         marker_dir = join(self.root, MARKERS_DIR)
@@ -162,31 +203,13 @@ class ShardLedger:
         # One batched fetch: s3fs fetches concurrently, local reads are cheap.
         contents = self.fs.cat(paths) if paths else {}
         markers = {}
-        for raw in contents.values():
-            payload = json.loads(raw)
-            markers[payload["shard"]] = payload
+        for path, raw in contents.items():
+            try:
+                payload = json.loads(raw)
+                markers[payload["shard"]] = payload
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                log.warning("ignoring unreadable marker %s (%s); its shard will be redone", path, e)
         return markers
-
-    def _remove_stray_files(self, shard_names: list[str]) -> int:
-        """Delete files of shards that have no marker (left by a run that died)."""
-        if not shard_names:
-            return 0
-        wanted = {shard_file_prefix(self.output, self.root, name): name for name in shard_names}
-        stray = [
-            path
-            for path in self.fs.find(self.root)
-            if not path.rsplit("/", 1)[-1].startswith("_")
-            and any(path.startswith(prefix) for prefix in self._prefix_candidates(path, wanted))
-        ]
-        if stray:
-            self.fs.rm(stray)
-        return len(stray)
-
-    def _prefix_candidates(self, path: str, wanted: dict[str, str]) -> list[str]:
-        if self.output.partition_by == "shard":
-            prefix = path.rsplit("/", 1)[0] + "/"
-            return [prefix] if prefix in wanted else []
-        return [p for p in wanted if path.startswith(p)]
 
     # ----------------------------------------------------------------- during a run
 
@@ -197,6 +220,10 @@ class ShardLedger:
         """
         finished = []
         for rep in reports.to_pylist():
+            done = self.completed_this_run.get(rep["shard"])
+            if done is not None:
+                self._late_report(rep, done)
+                continue
             state = self.in_flight[rep["shard"]]
             if rep["file"] is None:
                 state.expected = rep["shard_rows"]
@@ -212,12 +239,28 @@ class ShardLedger:
                 finished.append(rep["shard"])
         return finished
 
+    def _late_report(self, rep: dict[str, Any], marker: dict[str, Any]) -> None:
+        """A report for a shard already complete: a retried write of a listed file is
+        harmless; any other file would duplicate rows and is deleted."""
+        if rep["file"] is None or self._strip(rep["file"]) in {self._strip(f) for f in marker["files"]}:
+            return
+        log.warning("shard %s: deleting %s, written after the shard was complete", rep["shard"], rep["file"])
+        self.fs.rm(rep["file"])
+
+    def _shard_files(self, shard: str) -> list[str]:
+        """The shard's data files as they are in storage now (bypassing listing caches)."""
+        directory = self.root if self.output.partition_by == "none" else join(self.root, f"{PARTITION_COLUMN}={shard}")
+        try:
+            paths = self.fs.ls(directory, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [p for p in paths if shard_of_file(self.output, self.root, p) == shard]
+
     def _complete(self, shard: str, state: _InFlight) -> None:
-        prefix = shard_file_prefix(self.output, self.root, shard)
         # A write from a previous, killed driver may have landed after this run
         # cleaned up: remove anything of this shard that this run did not write.
-        existing = [p for p in self.fs.glob(prefix + "*") if not p.rsplit("/", 1)[-1].startswith(".")]
-        strays = [p for p in existing if self._strip(p) not in {self._strip(f) for f in state.files}]
+        ours = {self._strip(f) for f in state.files}
+        strays = [p for p in self._shard_files(shard) if self._strip(p) not in ours]
         if strays:
             log.warning("shard %s: removing %d files left by an earlier attempt", shard, len(strays))
             self.fs.rm(strays)

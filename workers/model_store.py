@@ -421,6 +421,7 @@ def _hub_reachable(timeout_s: float = HUB_ETAG_TIMEOUT_S) -> str | None:
 
 def _check_hub(spec: ModelSpec, deadline_s: float) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     fix = _hub_fix(spec.model)
     offline_reason: list[str | None] = [None]
@@ -443,7 +444,7 @@ def _check_hub(spec: ModelSpec, deadline_s: float) -> dict[str, Any]:
         config_path = fetch("config.json")
         try:
             pre_path = fetch("preprocessor_config.json")
-        except Exception:  # newer layouts keep the image processor in processor_config.json
+        except EntryNotFoundError:  # newer layouts keep the image processor in processor_config.json
             pre_path = fetch("processor_config.json")
         info = _describe(_read_json(config_path), _read_json(pre_path))
         info["revision"] = model_revision(config_path.parent, spec)

@@ -4,7 +4,8 @@
 For each batch it writes one Parquet file per shard present in the batch:
 
 * ``<output>/shard=<name>/part-<run>-<digest>.parquet`` (``partition_by="shard"``), or
-* ``<output>/part-<name>-<run>-<digest>.parquet`` (``partition_by="none"``),
+* ``<output>/part-<name>~<run>-<digest>.parquet`` (``partition_by="none"``; ``~`` never
+  occurs in shard names, so shard ``a``'s prefix is not also shard ``a-1``'s),
 
 where ``<digest>`` hashes the row ids in the file.  The name is a function of
 the run and the rows, so a retried task rewrites the same object instead of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import uuid
 from typing import Any
@@ -82,8 +84,24 @@ def count_statuses(table: pa.Table) -> dict[str, Any]:
 def shard_file_prefix(output: OutputSpec, root: str, shard: str) -> str:
     """Path prefix shared by all of ``shard``'s files, and by no other shard's."""
     if output.partition_by == "none":
-        return join(root, f"part-{shard}-")
+        return join(root, f"part-{shard}~")
     return join(root, f"{PARTITION_COLUMN}={shard}") + "/"
+
+
+def shard_of_file(output: OutputSpec, root: str, path: str) -> str | None:
+    """The shard a data file belongs to, or None for anything that is not a data file."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.endswith(".parquet") or name.startswith((".", "_")):
+        return None
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if output.partition_by == "none":
+        if parent.rstrip("/") != root.rstrip("/") or not name.startswith("part-") or "~" not in name:
+            return None
+        return name[len("part-") :].split("~", 1)[0]
+    directory = parent.rsplit("/", 1)[-1]
+    if parent.rsplit("/", 1)[0].rstrip("/") != root.rstrip("/") or not directory.startswith(f"{PARTITION_COLUMN}="):
+        return None
+    return directory[len(PARTITION_COLUMN) + 1 :]
 
 
 def file_path(output: OutputSpec, root: str, shard: str, run_id: str, ids: list[str]) -> str:
@@ -94,22 +112,30 @@ def file_path(output: OutputSpec, root: str, shard: str, run_id: str, ids: list[
     return shard_file_prefix(output, root, shard) + name
 
 
-def write_parquet_atomic(fs, path: str, table: pa.Table, local: bool) -> None:
-    """Write ``table`` so that readers see either nothing or the whole file.
+def put_atomic(fs, path: str, data: bytes, local: bool) -> None:
+    """Store ``data`` at ``path`` so that readers see either nothing or all of it.
 
-    Raises the filesystem's error (``OSError`` and subclasses) on failure;
-    Ray Data then retries the task, which rewrites the same path.
+    Object stores get one PUT of the finished bytes (an exception while
+    serialising never uploads a partial object); local disk gets a hidden temp
+    file renamed into place.  Raises the filesystem's error (``OSError`` and
+    subclasses) on failure.
     """
-    parent = path.rsplit("/", 1)[0]
     if local:
+        parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+        fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
     else:
-        with fs.open(path, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+        fs.pipe_file(path, data)
+
+
+def write_parquet_atomic(fs, path: str, table: pa.Table, local: bool) -> None:
+    """Write ``table`` as Parquet with :func:`put_atomic`; on failure Ray Data
+    retries the task, which rewrites the same path."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    put_atomic(fs, path, buf.getvalue(), local)
 
 
 def write_rows(
