@@ -37,9 +37,6 @@ from workers.readers import read_shard
 from workers.replica import Blip2Replica
 from workers.writer import write_rows
 
-# Images per decode task call: large enough to amortise task overhead, small
-# enough (64 x 150 KB at 224 px) that a block stays well under Ray's 128 MiB target.
-DECODE_BATCH_ROWS = 64
 # Rows per written file at most: ~200 KB of Parquet. Small enough that rows
 # waiting for a full batch (and so for their shard marker) stay few.
 WRITE_BATCH_ROWS = 2_048
@@ -95,7 +92,10 @@ def build_dataset(
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": decode_spec},
-        batch_size=DECODE_BATCH_ROWS,
+        # Whole reader blocks (read_batch_rows each): a fixed batch size here
+        # would make Ray Data bundle up to that many *shards* into one fused
+        # read+decode task, serialising reads and starving the model stage.
+        batch_size=None,
         batch_format="pyarrow",
         **decode_opts,
     )
