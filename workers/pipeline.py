@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from workers import schema
 from workers.config import AnnotateConfig, DecodeSpec, InputSpec, StorageOptions
@@ -88,7 +89,7 @@ def build_dataset(
         batch_size=1,
         batch_format="pyarrow",
     )
-    decode_opts = {"concurrency": res.decode_concurrency} if res.decode_concurrency else {}
+    decode_compute = TaskPoolStrategy(size=res.decode_concurrency) if res.decode_concurrency else None
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": decode_spec},
@@ -97,7 +98,7 @@ def build_dataset(
         # read+decode task, serialising reads and starving the model stage.
         batch_size=None,
         batch_format="pyarrow",
-        **decode_opts,
+        compute=decode_compute,
     )
     ds = ds.map_batches(
         Blip2Replica,
@@ -110,7 +111,7 @@ def build_dataset(
         },
         batch_size=res.batch_size,
         batch_format="pyarrow",
-        concurrency=(res.replicas_min, res.replicas_max),
+        compute=ActorPoolStrategy(min_size=res.replicas_min, max_size=res.replicas_max),
         num_gpus=gpus_per_replica,
         num_cpus=res.cpus_per_replica,
         # SPREAD places replicas on different nodes first (one per GPU node
