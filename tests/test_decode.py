@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from workers import schema
 from workers.config import DecodeSpec
-from workers.decode import ERROR_KINDS, DecodeError, decode_batch, decode_image, pixels_from_table
+from workers.decode import ERROR_KINDS, MODES, DecodeError, decode_batch, decode_image, pixels_from_table
 
 SPEC = DecodeSpec(height=224, width=224)
 TESTS_DIR = Path(__file__).resolve().parent
@@ -164,6 +164,134 @@ def test_bit_identical_for_palette_and_animated(make):
     data = make()
     ours, _, _ = decode_image(data, SPEC)
     np.testing.assert_array_equal(ours, _blip_reference(Image.open(io.BytesIO(data)), SPEC))
+
+
+# ---------------------------------------------------------------- fast mode: JPEG DCT scaling
+
+FAST_PSNR_DB = 35.0
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _upscaled(photo: np.ndarray, megapixels: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A 1-2 MP photo: the real photo enlarged (sides deliberately not multiples of 8 or 16)."""
+    h, w = photo.shape[:2]
+    scale = (megapixels * 1e6 / (h * w)) ** 0.5
+    size = size or (round(w * scale) | 1, round(h * scale) | 1)
+    return np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.LANCZOS))
+
+
+def _with_orientation(arr: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg_bytes(arr, exif=exif.tobytes())
+
+
+def test_modes():
+    assert MODES == ("exact", "fast")
+    with pytest.raises(ValueError, match="mode"):
+        decode_image(b"x", SPEC, mode="quick")
+    with pytest.raises(ValueError, match="mode"):
+        decode_batch(_reader_table([]), SPEC, mode="quick")
+
+
+@pytest.mark.parametrize("photo_name", ["astronaut", "coffee", "chelsea", "rocket"])
+@pytest.mark.parametrize("megapixels", [None, 1.0, 2.0])
+@pytest.mark.parametrize("size", [(224, 224), (120, 200)])
+def test_fast_mode_psnr_against_the_processor(photos, photo_name, megapixels, size):
+    """Real photos, native and as 1-2 MP JPEGs: fast mode stays >= 35 dB from the processor's pixels."""
+    photo = photos[photo_name] if megapixels is None else _upscaled(photos[photo_name], megapixels)
+    spec = DecodeSpec(height=size[0], width=size[1])
+    for data in (jpeg_bytes(photo), jpeg_bytes(photo, progressive=True), jpeg_bytes(photo, quality=75)):
+        fast, width, height = decode_image(data, spec, mode="fast")
+        reference = _blip_reference(Image.open(io.BytesIO(data)), spec)
+        assert fast.shape == reference.shape and fast.dtype == np.uint8 and fast.flags.c_contiguous
+        assert (width, height) == (photo.shape[1], photo.shape[0])  # the full size, not the scaled decode's
+        assert _psnr(fast, reference) >= FAST_PSNR_DB, (photo_name, megapixels, size)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_mode_follows_exif_orientation(photos, orientation):
+    """DCT scaling rounds the scaled size up; the resize box must follow the EXIF turn, or the picture shifts."""
+    photo = _upscaled(photos["astronaut"], 1.2, size=(1203, 1010))
+    data = _with_orientation(photo, orientation)
+    for spec in (SPEC, DecodeSpec(height=120, width=200)):
+        exact, width, height = decode_image(data, spec)
+        fast, fast_width, fast_height = decode_image(data, spec, mode="fast")
+        assert (fast_width, fast_height) == (width, height)
+        assert (width, height) == ((1010, 1203) if orientation >= 5 else (1203, 1010))
+        assert _psnr(fast, exact) >= FAST_PSNR_DB, orientation
+
+
+def test_fast_mode_uses_jpeg_draft(photos, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    calls = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real(self, mode, size)
+        calls.append((self.size, result))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    data = jpeg_bytes(_upscaled(photos["coffee"], 1.5))
+    decode_image(data, SPEC)
+    assert not calls  # exact mode never scales
+    decode_image(data, SPEC, mode="fast")
+    ((scaled_size, (_mode, box)),) = calls
+    assert min(scaled_size) >= 224 and max(scaled_size) < 1000  # decoded at 1/4 scale, still >= the target
+    assert box[2] <= scaled_size[0] and box[3] <= scaled_size[1]
+
+
+@pytest.mark.parametrize("encoding", ["png", "webp", "cmyk_jpeg", "grayscale_jpeg", "rgba_png", "exif_rotated"])
+def test_fast_mode_other_encodings(photos, encoding):
+    photo = _upscaled(photos["chelsea"], 1.0)
+    data = {
+        "png": lambda: png_bytes(photo),
+        "webp": lambda: webp_bytes(photo),
+        "cmyk_jpeg": lambda: cmyk_jpeg_bytes(photo),
+        "grayscale_jpeg": lambda: jpeg_bytes(np.asarray(Image.fromarray(photo).convert("L"))),
+        "rgba_png": lambda: rgba_png_bytes(photo),
+        "exif_rotated": lambda: exif_rotated_jpeg(photo),
+    }[encoding]()
+    exact, width, height = decode_image(data, SPEC)
+    fast, fast_width, fast_height = decode_image(data, SPEC, mode="fast")
+    assert (fast_width, fast_height) == (width, height)
+    assert _psnr(fast, exact) >= FAST_PSNR_DB, encoding
+
+
+@pytest.mark.parametrize("make", [palette_png_with_transparency, lambda: animated_bytes("GIF")])
+def test_fast_mode_small_images_are_exact(make):
+    """Nothing to scale down by DCT and no reduction gap to use: fast mode gives the exact pixels."""
+    data = make()
+    np.testing.assert_array_equal(decode_image(data, SPEC, mode="fast")[0], decode_image(data, SPEC)[0])
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_fast_mode_reports_the_same_errors(cases, name):
+    _ext, data, kind = cases[name]
+    if kind is None:
+        assert decode_image(data, SPEC, mode="fast")[0].shape == (SPEC.height, SPEC.width, 3)
+    else:
+        with pytest.raises(DecodeError) as info:
+            decode_image(data, SPEC, mode="fast")
+        assert info.value.kind == kind
+
+
+def test_decode_batch_fast_mode(cases):
+    named = [(name, data) for name, (_ext, data, _kind) in cases.items()]
+    table = _reader_table(named)
+    exact = decode_batch(table, SPEC)
+    fast = decode_batch(table, SPEC, mode="fast")
+    assert fast.schema == exact.schema
+    for name in (schema.ID, schema.STATUS, schema.ERROR_KIND, schema.WIDTH, schema.HEIGHT):
+        assert fast.column(name).to_pylist() == exact.column(name).to_pylist(), name
+    for i, (a, b) in enumerate(zip(pixels_from_table(fast), pixels_from_table(exact), strict=True)):
+        assert _psnr(a, b) >= FAST_PSNR_DB, named[i][0]
 
 
 # ---------------------------------------------------------------- particular modes and files

@@ -10,6 +10,15 @@ white) and the resize is the same single ``PIL.Image.resize`` call that
 one intentional difference is high-bit-depth input (16/32-bit integer and float
 grayscale), which the processor would clip to white; here it is scaled to 8 bits.
 
+``mode="fast"`` trades that bit-identity for speed (the default stays
+``"exact"``).  JPEGs are decoded with Pillow's ``draft`` (libjpeg's DCT
+scaling by 1/2, 1/4 or 1/8) to the smallest size that is still at least the
+target size, and the bicubic resize then reads exactly the area of the full
+image (a fractional ``box``: the scaled decode rounds the edge pixels up), so
+the picture is not shifted.  Other formats resize with ``reducing_gap=3``
+(an integer box reduction first, then bicubic).  On 1-2 MP photos this is
+4-6x faster and within ~40-55 dB PSNR of the exact output (tested >= 35 dB).
+
 :func:`decode_batch` applies that to a reader batch (``pyarrow.Table``) for
 ``Dataset.map_batches(batch_format="pyarrow")``.  A bad image never raises and
 is never dropped: its row becomes an error row (``status="error"``, a
@@ -40,6 +49,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers import schema
 from workers.config import DecodeSpec
+
+# Decode modes: "exact" is bit-identical to BlipImageProcessor; "fast" uses
+# JPEG DCT scaling and a reducing resize (see the module docstring).
+MODES = ("exact", "fast")
+FAST_REDUCING_GAP = 3.0
 
 # Every DecodeError.kind this module emits.
 ERROR_KINDS = ("empty_file", "missing_image", "not_an_image", "decompression_bomb", "truncated_image", "decode_failed")
@@ -203,20 +217,66 @@ def _open_checked(data: bytes, spec: DecodeSpec) -> Image.Image:
     return im
 
 
-def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, int, int]:
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) that ``ImageOps.exif_transpose`` will apply; 1 if none or unreadable."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: exif_transpose will not turn the image either
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _oriented_box(size: tuple[int, int], box: tuple[float, float, float, float], orientation: int):
+    """Where ``box`` (the valid area of an upright-stored image, anchored top-left)
+    lies after ``exif_transpose`` turned the image (of pre-turn ``size``) by ``orientation``."""
+    w, h = size
+    ex, ey = w - box[2], h - box[3]  # unused fraction on the right and at the bottom, before turning
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w  # turned by 90 degrees
+    return {
+        1: (0.0, 0.0, w - ex, h - ey),
+        2: (ex, 0.0, w, h - ey),  # mirrored left-right
+        3: (ex, ey, w, h),  # turned 180
+        4: (0.0, ey, w - ex, h),  # mirrored top-bottom
+        5: (0.0, 0.0, w - ey, h - ex),  # transposed
+        6: (ey, 0.0, w, h - ex),  # turned 90 clockwise
+        7: (ey, ex, w, h),  # transversed
+        8: (0.0, ex, w - ey, h),  # turned 90 counter-clockwise
+    }[orientation]
+
+
+def decode_image(data: bytes, spec: DecodeSpec, mode: str = "exact") -> tuple[np.ndarray, int, int]:
     """Decode one image file into model-ready pixels.
 
     Returns ``(pixels, width, height)``: ``pixels`` is uint8 ``(spec.height,
     spec.width, 3)``; ``width``/``height`` are the original size as a viewer
     shows it (after EXIF orientation).  Animated images use their first frame.
     Raises :class:`DecodeError` (and nothing else) for a bad file.
+
+    ``mode``: ``"exact"`` (bit-identical to ``BlipImageProcessor``) or
+    ``"fast"`` (JPEG DCT-scaled decoding, see the module docstring).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     if not data:
         raise DecodeError("empty_file", "the file is empty (0 bytes)")
     im = _open_checked(data, spec)
     with im:
+        box = None
+        reducing_gap = None
         try:
             im.seek(0)  # animations (GIF/WebP/APNG/MPO): the first frame; a no-op otherwise
+            if mode == "fast":
+                reducing_gap = FAST_REDUCING_GAP
+                # JPEG only: its EXIF sits in the header (other formats' getexif() may decode pixels).
+                if im.format in ("JPEG", "MPO"):
+                    full_size = im.size
+                    orientation = _orientation(im)
+                    upright = orientation in (5, 6, 7, 8)
+                    wanted = (spec.height, spec.width) if upright else (spec.width, spec.height)
+                    drafted = im.draft(None, wanted)
+                    if drafted is not None and im.size != full_size:
+                        box = _oriented_box(im.size, drafted[1], orientation)
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             rgb = _convert_to_rgb(im)
@@ -225,9 +285,12 @@ def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, int, int]:
         except _DECODER_ERRORS as exc:
             raise _decoder_failure(exc, data) from exc
         width, height = rgb.size
-        # Exactly transformers.image_transforms.resize: one PIL resize to (width, height),
-        # reducing_gap=None.  Outside the try: a bad spec.resample is a config error, not a bad image.
-        resized = rgb.resize((spec.width, spec.height), resample=spec.resample)
+        if box is not None:  # report the full image's size, not the DCT-scaled one
+            width, height = (full_size[1], full_size[0]) if upright else full_size
+        # Exact mode: exactly transformers.image_transforms.resize, one PIL resize to (width,
+        # height), no box, reducing_gap=None.  Outside the try: a bad spec.resample is a config
+        # error, not a bad image.
+        resized = rgb.resize((spec.width, spec.height), resample=spec.resample, box=box, reducing_gap=reducing_gap)
     pixels = np.array(resized, dtype=np.uint8)  # owned and writable
     return pixels, width, height
 
@@ -239,14 +302,17 @@ def _tensor_array(pixels: np.ndarray) -> pa.ExtensionArray:
     return ArrowTensorArray.from_numpy(pixels)
 
 
-def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
+def decode_batch(batch: pa.Table, spec: DecodeSpec, mode: str = "exact") -> pa.Table:
     """Decode a reader batch.  Same rows, same order; ``image`` is replaced by
     ``pixels`` (tensor column), ``width`` and ``height`` (int32, null on error rows).
 
     Rows whose status is not ``ok`` pass through untouched (pixels all zero).
     Rows that fail to decode become error rows with :class:`DecodeError`'s kind.
     Every other column (passthrough strings, ``row_questions`` ...) is kept.
+    ``mode`` is :func:`decode_image`'s (``"exact"`` or ``"fast"``).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     n = batch.num_rows
     names = batch.column_names
     for required in (schema.IMAGE, schema.STATUS, schema.ERROR_KIND, schema.ERROR):
@@ -269,7 +335,7 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         try:
             if data is None:
                 raise DecodeError("missing_image", "the row has no image bytes")
-            pixels[i], widths[i], heights[i] = decode_image(data, spec)
+            pixels[i], widths[i], heights[i] = decode_image(data, spec, mode)
         except DecodeError as exc:
             statuses[i] = schema.STATUS_ERROR
             kinds[i] = exc.kind

@@ -19,14 +19,24 @@ The ``<image>`` placeholder token is added to the tokenizer and
 are laid out; ``processor_config.json`` records ``num_query_tokens`` so the
 processor expands the placeholder once per query token.
 
-Usage: ``python -m workers.tiny_model OUT_DIR [--flavor opt|t5] [--seed N]``.
+A second size, ``"small"`` (:func:`build_small_blip2`), is a CPU-sized
+BLIP-2 with the real model's shape (224 px input, patch 14, 32 query tokens,
+a multi-layer Q-Former with cross-attention every other layer) but narrow and
+shallow towers: big enough that the vision encoder and batched generation cost
+what they cost in the real model relative to each other, small enough for
+benchmarks and fidelity tests on two CPU cores.  :class:`Sizes` also describes
+the full-size configurations the benchmark builds (see ``jobs/benchmark.py``).
+
+Usage: ``python -m workers.tiny_model OUT_DIR [--flavor opt|t5] [--seed N] [--size tiny|small]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 FLAVORS = ("opt", "t5")
@@ -45,6 +55,70 @@ BPE_VOCAB = 512
 UNIGRAM_VOCAB = 320
 IMAGE_TOKEN = "<image>"
 GAIN = 1.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shape of a BLIP-2: vision tower, Q-Former, language model.
+
+    ``text_vocab=None`` sizes the language model's vocabulary to the tokenizer
+    (the tiny and small models); a number forces it (full-size configs, whose
+    real vocabulary is larger than the locally trained tokenizer's).
+    """
+
+    image_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    vision_hidden: int = VISION_HIDDEN
+    vision_layers: int = NUM_LAYERS
+    vision_heads: int = NUM_HEADS
+    vision_intermediate: int = 4 * VISION_HIDDEN
+    qformer_hidden: int = QFORMER_HIDDEN
+    qformer_layers: int = NUM_LAYERS
+    qformer_heads: int = NUM_HEADS
+    qformer_intermediate: int = 4 * QFORMER_HIDDEN
+    qformer_vocab: int = 128
+    qformer_max_positions: int = 64
+    cross_attention_frequency: int = 1
+    num_query_tokens: int = NUM_QUERY_TOKENS
+    text_hidden: int = TEXT_HIDDEN
+    text_layers: int = NUM_LAYERS
+    text_heads: int = NUM_HEADS
+    text_ffn: int | None = None  # None: 4x hidden for OPT, 2x for T5 (the tiny model's choice)
+    text_vocab: int | None = None
+    text_max_positions: int = 512
+    t5_relative_buckets: int = 8
+    t5_relative_max_distance: int = 32
+
+    def replace(self, **changes) -> Sizes:
+        return dataclasses.replace(self, **changes)
+
+
+TINY = Sizes()
+# CPU-sized but shaped like the real thing: 224 px / patch 14 -> 256 patches, 32
+# query tokens, Q-Former cross-attention every other layer (as in BLIP-2).
+# About 11 M vision + 5 M Q-Former + 20 M language-model parameters.
+SMALL = Sizes(
+    image_size=224,
+    patch_size=14,
+    vision_hidden=256,
+    vision_layers=6,
+    vision_heads=4,
+    vision_intermediate=1024,
+    qformer_hidden=256,
+    qformer_layers=4,
+    qformer_heads=4,
+    qformer_intermediate=1024,
+    qformer_max_positions=512,
+    cross_attention_frequency=2,
+    num_query_tokens=32,
+    text_hidden=512,
+    text_layers=6,
+    text_heads=8,
+    text_ffn=2048,
+    t5_relative_buckets=32,
+    t5_relative_max_distance=128,
+)
+SIZES = {"tiny": TINY, "small": SMALL}
 
 # OPT-style special tokens (ids 0..3, as in facebook/opt-*): BOS and EOS are both "</s>".
 OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -143,18 +217,18 @@ def _train_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
-def _text_config(flavor: str, vocab_size: int, tokenizer):
+def _text_config(flavor: str, vocab_size: int, tokenizer, sizes: Sizes = TINY):
     if flavor == "opt":
         from transformers import OPTConfig
 
         return OPTConfig(
             vocab_size=vocab_size,
-            hidden_size=TEXT_HIDDEN,
-            word_embed_proj_dim=TEXT_HIDDEN,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=NUM_HEADS,
-            ffn_dim=4 * TEXT_HIDDEN,
-            max_position_embeddings=512,
+            hidden_size=sizes.text_hidden,
+            word_embed_proj_dim=sizes.text_hidden,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            ffn_dim=sizes.text_ffn or 4 * sizes.text_hidden,
+            max_position_embeddings=sizes.text_max_positions,
             dropout=0.0,
             attention_dropout=0.0,
             bos_token_id=tokenizer.bos_token_id,
@@ -168,14 +242,14 @@ def _text_config(flavor: str, vocab_size: int, tokenizer):
 
     return T5Config(
         vocab_size=vocab_size,
-        d_model=TEXT_HIDDEN,
-        d_kv=TEXT_HIDDEN // NUM_HEADS,
-        d_ff=2 * TEXT_HIDDEN,
-        num_layers=NUM_LAYERS,
-        num_decoder_layers=NUM_LAYERS,
-        num_heads=NUM_HEADS,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        d_model=sizes.text_hidden,
+        d_kv=sizes.text_hidden // sizes.text_heads,
+        d_ff=sizes.text_ffn or 2 * sizes.text_hidden,
+        num_layers=sizes.text_layers,
+        num_decoder_layers=sizes.text_layers,
+        num_heads=sizes.text_heads,
+        relative_attention_num_buckets=sizes.t5_relative_buckets,
+        relative_attention_max_distance=sizes.t5_relative_max_distance,
         dropout_rate=0.0,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
@@ -212,30 +286,19 @@ def _reinitialise(model, seed: int, gain: float = GAIN) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * (gain / fan_in**0.5))
 
 
-def build_tiny_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0) -> Path:
-    """Build, randomly initialise (deterministically from ``seed``) and save a tiny BLIP-2.
-
-    Returns ``out_dir``, which then loads with ``from_pretrained`` like any
-    downloaded checkpoint (safetensors only).
-    """
+def train_tokenizer(flavor: str):
+    """The flavour's tokenizer, trained on the built-in corpus (deterministic)."""
     if flavor not in FLAVORS:
         raise ValueError(f"flavor: must be one of {FLAVORS}, got {flavor!r}")
-    import torch
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-    )
+    return _train_opt_tokenizer() if flavor == "opt" else _train_t5_tokenizer()
+
+
+def make_image_processor(sizes: Sizes = TINY):
+    """The PIL-backend BLIP image processor at ``sizes.image_size`` (bicubic, CLIP mean/std)."""
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _train_opt_tokenizer() if flavor == "opt" else _train_t5_tokenizer()
-    image_processor = BlipImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    return BlipImageProcessorPil(
+        size={"height": sizes.image_size, "width": sizes.image_size},
         resample=3,  # PIL.Image.BICUBIC, as in the real checkpoints
         do_resize=True,
         do_rescale=True,
@@ -243,43 +306,78 @@ def build_tiny_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0) -> Path:
         do_normalize=True,
         do_convert_rgb=True,
     )
-    # The processor adds <image> as a special token (as for the hub checkpoints).
-    Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+
+
+def make_processor(tokenizer, sizes: Sizes = TINY):
+    """A ``Blip2Processor``; as for the hub checkpoints it adds ``<image>`` to the tokenizer."""
+    from transformers import Blip2Processor
+
+    return Blip2Processor(make_image_processor(sizes), tokenizer, num_query_tokens=sizes.num_query_tokens)
+
+
+def blip2_config(flavor: str, tokenizer, sizes: Sizes = TINY):
+    """A ``Blip2Config`` of shape ``sizes`` for ``tokenizer`` (which must already hold ``<image>``)."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    # Exactly the tokenizer's size: with padding rows a random model would
-    # often emit ids that decode to nothing.
-    vocab_size = len(tokenizer)
+    # Exactly the tokenizer's size unless forced: with padding rows a random
+    # model would often emit ids that decode to nothing.
+    vocab_size = sizes.text_vocab or len(tokenizer)
 
     vision_config = Blip2VisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=4 * VISION_HIDDEN,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=sizes.vision_intermediate,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
         # The default (1e-10) would make every image embed to the same vector,
         # and tests comparing per-image outputs would prove nothing.
         initializer_range=0.02,
     )
     qformer_config = Blip2QFormerConfig(
-        vocab_size=128,
-        hidden_size=QFORMER_HIDDEN,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        intermediate_size=4 * QFORMER_HIDDEN,
-        max_position_embeddings=64,
-        cross_attention_frequency=1,
-        encoder_hidden_size=VISION_HIDDEN,
+        vocab_size=sizes.qformer_vocab,
+        hidden_size=sizes.qformer_hidden,
+        num_hidden_layers=sizes.qformer_layers,
+        num_attention_heads=sizes.qformer_heads,
+        intermediate_size=sizes.qformer_intermediate,
+        max_position_embeddings=sizes.qformer_max_positions,
+        cross_attention_frequency=sizes.cross_attention_frequency,
+        encoder_hidden_size=sizes.vision_hidden,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    config = Blip2Config(
+    return Blip2Config(
         vision_config=vision_config.to_dict(),
         qformer_config=qformer_config.to_dict(),
-        text_config=_text_config(flavor, vocab_size, tokenizer).to_dict(),
-        num_query_tokens=NUM_QUERY_TOKENS,
+        text_config=_text_config(flavor, vocab_size, tokenizer, sizes).to_dict(),
+        num_query_tokens=sizes.num_query_tokens,
         image_token_index=image_token_index,
     )
+
+
+def build_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0, sizes: Sizes | str = TINY) -> Path:
+    """Build, randomly initialise (deterministically from ``seed``) and save a BLIP-2 of shape ``sizes``.
+
+    ``sizes`` is a :class:`Sizes` or a name in :data:`SIZES`.  Returns
+    ``out_dir``, which then loads with ``from_pretrained`` like any downloaded
+    checkpoint (safetensors only).
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor: must be one of {FLAVORS}, got {flavor!r}")
+    if isinstance(sizes, str):
+        if sizes not in SIZES:
+            raise ValueError(f"size: must be one of {tuple(SIZES)}, got {sizes!r}")
+        sizes = SIZES[sizes]
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(flavor)
+    processor = make_processor(tokenizer, sizes)  # adds <image> to the tokenizer
+    config = blip2_config(flavor, tokenizer, sizes)
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
         torch.manual_seed(seed)
@@ -291,12 +389,26 @@ def build_tiny_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0) -> Path:
     # The hub checkpoints' layout: preprocessor_config.json for the image
     # processor, the tokenizer files, and a processor_config.json that only
     # records num_query_tokens.
-    image_processor.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "processor_config.json").write_text(
-        json.dumps({"num_query_tokens": NUM_QUERY_TOKENS, "processor_class": "Blip2Processor"}, indent=2) + "\n"
+        json.dumps({"num_query_tokens": sizes.num_query_tokens, "processor_class": "Blip2Processor"}, indent=2) + "\n"
     )
     return out_dir
+
+
+def build_tiny_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0) -> Path:
+    """Build, randomly initialise (deterministically from ``seed``) and save a tiny BLIP-2.
+
+    Returns ``out_dir``, which then loads with ``from_pretrained`` like any
+    downloaded checkpoint (safetensors only).
+    """
+    return build_blip2(out_dir, flavor=flavor, seed=seed, sizes=TINY)
+
+
+def build_small_blip2(out_dir: Path, flavor: str = "opt", seed: int = 0) -> Path:
+    """Like :func:`build_tiny_blip2` with the CPU-sized :data:`SMALL` shape (224 px, 32 query tokens)."""
+    return build_blip2(out_dir, flavor=flavor, seed=seed, sizes=SMALL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--flavor", choices=FLAVORS, default="opt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
     args = parser.parse_args(argv)
-    path = build_tiny_blip2(args.out_dir, flavor=args.flavor, seed=args.seed)
+    path = build_blip2(args.out_dir, flavor=args.flavor, seed=args.seed, sizes=args.size)
     print(path)
     return 0
 
