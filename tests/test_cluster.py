@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import json
 import os
 import re
@@ -31,7 +30,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -43,6 +41,7 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 import yaml
+from shards import tar_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -188,23 +187,13 @@ def _short_tmp(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _sample_shards(n_shards: int, per_shard: int) -> dict[str, list[str]]:
     """WebDataset shard names -> sample keys, filled with the bundled sample photos."""
     return {f"shard-{s:05d}.tar": [f"{s:02d}{i:03d}" for i in range(per_shard)] for s in range(n_shards)}
 
 
 def _shard_bytes(keys: list[str]) -> bytes:
-    return _tar([(f"{k}.jpg", SAMPLES[i % len(SAMPLES)].read_bytes()) for i, k in enumerate(keys)])
+    return tar_bytes([(f"{k}.jpg", SAMPLES[i % len(SAMPLES)].read_bytes()) for i, k in enumerate(keys)])
 
 
 @functools.lru_cache(maxsize=1)
