@@ -80,7 +80,7 @@ def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, A
         "prompts": asdict(cfg.prompts),
         "generation": asdict(cfg.generation),
         "input": {k: v for k, v in asdict(cfg.input).items() if k != "urls"},
-        "decode": {"max_image_pixels": cfg.decode.max_image_pixels},
+        "decode": {"max_image_pixels": cfg.decode.max_image_pixels, "mode": cfg.decode.mode},
         "output": {"partition_by": cfg.output.partition_by},
         "code_version": code_version(),
     }  # fmt: skip
@@ -154,6 +154,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
         "images_per_s": round(rows_this_run / wall, 3) if wall > 0 else 0.0,
         "gpus_per_replica": gpus,
+        "batch_size": cfg.resources.model_batch_size(gpus),
         "model": model_info,
         "config": cfg.to_dict(),
     }

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -381,9 +382,11 @@ def bench_preprocess(images: int, rounds: int = 2, log: Callable[[str], None] = 
     normalize = make_normalizer(float(processor.rescale_factor), processor.image_mean, processor.image_std)
 
     def ours(mode: str) -> Callable[[], int]:
+        mode_spec = dataclasses.replace(spec, mode=mode)
+
         def run() -> int:
             for data in files:
-                pixels, _, _ = decode_image(data, spec, mode)
+                pixels, _, _ = decode_image(data, mode_spec)
                 torch.from_numpy(normalize(pixels[None]))
             return len(files)
 
@@ -711,40 +714,26 @@ def write_shards(root: Path, files: list[bytes], per_shard: int) -> list[Path]:
 
 
 def _decode_only(shard_dir: Path, decode_concurrency: int) -> int:
-    """Read + decode the shards on Ray exactly as the pipeline's first stages do; rows seen."""
-    import dataclasses
-
+    """Read + decode the shards with the pipeline's own first stages and settings; rows seen."""
     import pyarrow as pa
-    import ray
 
-    from workers import pipeline, schema
-    from workers.config import DecodeSpec, InputSpec, StorageOptions
-    from workers.decode import decode_batch
+    from jobs.settings import config_from_argv
+    from workers import schema
     from workers.listing import list_shards
+    from workers.pipeline import decoded_dataset
 
-    spec = InputSpec(urls=(str(shard_dir),))
-    storage = StorageOptions()
-    shards, _ = list_shards(spec, storage)
-    decode_spec = DecodeSpec(height=32, width=32, resample=3)  # the tiny model's input size
+    # The job's defaults, as _pipeline runs it; pixels at the tiny model's input size.
+    cfg = config_from_argv(
+        ["--input", str(shard_dir), "--output", "unused", "--decode-concurrency", str(decode_concurrency)]
+    )
+    decode_spec = dataclasses.replace(cfg.decode, height=32, width=32, resample=3)
+    shards, _ = list_shards(cfg.input, cfg.storage)
 
     def drop_pixels(batch: pa.Table) -> pa.Table:
         ok = sum(1 for s in batch.column(schema.STATUS).to_pylist() if s == schema.STATUS_OK)
         return pa.table({"rows": [ok]})
 
-    ds = ray.data.from_items([dataclasses.asdict(s) for s in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(
-        pipeline.read_shards,
-        fn_kwargs={"spec": spec, "storage": storage, "batch_rows": 256},
-        batch_size=1,
-        batch_format="pyarrow",
-    )
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"spec": decode_spec},
-        batch_size=getattr(pipeline, "DECODE_BATCH_ROWS", 64),
-        batch_format="pyarrow",
-        concurrency=decode_concurrency,
-    )
+    ds = decoded_dataset(cfg.input, cfg.storage, cfg.resources, shards, decode_spec)
     ds = ds.map_batches(drop_pixels, batch_format="pyarrow", batch_size=None)
     rows = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -21,7 +21,10 @@ from typing import Any
 import yaml
 
 from workers.config import (
+    CPU_BATCH_SIZE,
+    DECODE_MODES,
     DTYPES,
+    GPU_BATCH_SIZE,
     INPUT_FORMATS,
     PARTITION_BY,
     WRITE_MODES,
@@ -56,6 +59,7 @@ RENAMED: dict[str, tuple[str, str]] = {
     "output": ("output", "url"),
     "model": ("model", "model"),
     "model_cache_dir": ("model", "cache_dir"),
+    "decode_mode": ("decode", "mode"),
 }
 # Decode size/resample come from the model's preprocessor config, not users.
 NOT_SETTABLE = {("decode", "height"), ("decode", "width"), ("decode", "resample")}
@@ -185,6 +189,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--questions-column", help="input column holding per-row questions")
     g.add_argument("--max-member-bytes", type=int, help="larger images/tar members become error rows")
     g.add_argument("--max-image-pixels", type=int, help="larger images are rejected as decompression bombs")
+    g.add_argument(
+        "--decode-mode", choices=DECODE_MODES, help="fast (default; JPEG DCT scaling) or exact (= BlipImageProcessor)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output", help="output URL (local path or s3://)")
     g.add_argument("--partition-by", choices=PARTITION_BY)
@@ -196,6 +203,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", help="pin a hub revision (commit, tag or branch)")
     g.add_argument("--dtype", choices=DTYPES)
     g.add_argument("--model-cache-dir", help="node-local directory for fetched weights")
+    g.add_argument("--generation-batch", type=int, help="sequences per generate call (default: automatic)")
+    g.add_argument("--compile", action="store_true", help="static KV cache + torch.compile on CUDA")
     g = p.add_argument_group("prompts")
     g.add_argument("--no-caption", dest="caption", action="store_false", help="skip captioning")
     g.add_argument("--caption-prompt", help='text the caption continues, e.g. "a photo of"')
@@ -208,7 +217,11 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g = p.add_argument_group("resources")
-    g.add_argument("--batch-size", type=int, help="images per model call")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per model call (default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on GPU)",
+    )
     g.add_argument("--replicas", type=_replicas, help="model replicas: N or MIN:MAX (autoscaling pool)")
     g.add_argument("--gpus-per-replica", type=float, help="fractions pack replicas on one GPU; 0 = CPU")
     g.add_argument("--cpus-per-replica", type=float)

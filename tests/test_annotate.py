@@ -189,7 +189,7 @@ def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_mod
         code = main(
             ["--input", str(folder), "--output", str(out), "--model", str(tiny_models[flavor]),
              "--caption-prompt", "a photo of", "--questions", *QUESTIONS, "--max-new-tokens", str(MAX_NEW),
-             "--batch-size", "3"]
+             "--batch-size", "3", "--decode-mode", "exact"]  # the reference decodes with BlipImageProcessor
         )  # fmt: skip
         assert code == 0
         rows = {r["key"]: r for r in read_output(str(out))}
@@ -245,11 +245,16 @@ def test_resume_with_different_settings_is_refused(ray_cluster, tmp_path, tiny_m
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_models["opt"]),
             "--max-new-tokens", "3", "--questions", "What is it?"]  # fmt: skip
     assert main(args) == 0
-    assert main([*args[:-1], "Where is it?", "--max-new-tokens", "5"]) == 2
+    assert main([*args[:-1], "Where is it?", "--max-new-tokens", "5", "--decode-mode", "exact"]) == 2
     err = capsys.readouterr().err
     assert "different settings" in err
     assert "prompts.questions: was ['What is it?'], now ['Where is it?']" in err
     assert "generation.max_new_tokens: was 3, now 5" in err
+    assert "decode.mode: was 'fast', now 'exact'" in err
+    # Speed settings are not part of the output's identity: the run resumes (nothing left to do).
+    assert main([*args, "--batch-size", "7", "--generation-batch", "2"]) == 0
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["shards_skipped_as_done"], summary["rows_this_run"], summary["inputs"]) == (1, 0, 1)
 
 
 def test_model_that_cannot_load_stops_the_job_quickly_with_the_cause(ray_cluster, tmp_path, tiny_models, photos,

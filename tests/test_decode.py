@@ -3,6 +3,7 @@ and bit-identity with transformers' BLIP image processor."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -34,10 +35,10 @@ from imagefactory import (
 from PIL import Image, ImageOps
 
 from workers import schema
-from workers.config import DecodeSpec
-from workers.decode import ERROR_KINDS, MODES, DecodeError, decode_batch, decode_image, pixels_from_table
+from workers.config import DECODE_MODES, ConfigError, DecodeSpec
+from workers.decode import ERROR_KINDS, DecodeError, decode_batch, decode_image, pixels_from_table
 
-SPEC = DecodeSpec(height=224, width=224)
+SPEC = DecodeSpec(mode="exact", height=224, width=224)
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
@@ -78,7 +79,7 @@ def test_case_list_covers_the_brief():
 
 
 def test_reports_original_size_and_target_shape(photos):
-    spec = DecodeSpec(height=96, width=160)  # non-square target: catches (w, h) swaps
+    spec = DecodeSpec(mode="exact", height=96, width=160)  # non-square target: catches (w, h) swaps
     pixels, width, height = decode_image(png_bytes(photos["chelsea"]), spec)
     assert (width, height) == (451, 300)
     assert pixels.shape == (96, 160, 3)
@@ -149,7 +150,7 @@ def test_bit_identical_to_blip_processor(photos, photo_name, encoding, size):
         "rgba_png": lambda: rgba_png_bytes(photo),
         "exif_rotated": lambda: exif_rotated_jpeg(photo),
     }[encoding]()
-    spec = DecodeSpec(height=size[0], width=size[1])
+    spec = DecodeSpec(mode="exact", height=size[0], width=size[1])
     ours, width, height = decode_image(data, spec)
     # The reference sees the image as transformers' own load_image would: EXIF-oriented.
     reference_image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
@@ -190,12 +191,15 @@ def _with_orientation(arr: np.ndarray, orientation: int) -> bytes:
     return jpeg_bytes(arr, exif=exif.tobytes())
 
 
+def _fast(spec: DecodeSpec) -> DecodeSpec:
+    return dataclasses.replace(spec, mode="fast")
+
+
 def test_modes():
-    assert MODES == ("exact", "fast")
-    with pytest.raises(ValueError, match="mode"):
-        decode_image(b"x", SPEC, mode="quick")
-    with pytest.raises(ValueError, match="mode"):
-        decode_batch(_reader_table([]), SPEC, mode="quick")
+    assert set(DECODE_MODES) == {"exact", "fast"}
+    assert DecodeSpec().mode == "fast"  # the job's default; exact is opt-in
+    with pytest.raises(ConfigError, match="^decode_mode: must be one of"):
+        DecodeSpec(mode="quick")
 
 
 @pytest.mark.parametrize("photo_name", ["astronaut", "coffee", "chelsea", "rocket"])
@@ -204,9 +208,9 @@ def test_modes():
 def test_fast_mode_psnr_against_the_processor(photos, photo_name, megapixels, size):
     """Real photos, native and as 1-2 MP JPEGs: fast mode stays >= 35 dB from the processor's pixels."""
     photo = photos[photo_name] if megapixels is None else _upscaled(photos[photo_name], megapixels)
-    spec = DecodeSpec(height=size[0], width=size[1])
+    spec = DecodeSpec(mode="exact", height=size[0], width=size[1])
     for data in (jpeg_bytes(photo), jpeg_bytes(photo, progressive=True), jpeg_bytes(photo, quality=75)):
-        fast, width, height = decode_image(data, spec, mode="fast")
+        fast, width, height = decode_image(data, _fast(spec))
         reference = _blip_reference(Image.open(io.BytesIO(data)), spec)
         assert fast.shape == reference.shape and fast.dtype == np.uint8 and fast.flags.c_contiguous
         assert (width, height) == (photo.shape[1], photo.shape[0])  # the full size, not the scaled decode's
@@ -218,9 +222,9 @@ def test_fast_mode_follows_exif_orientation(photos, orientation):
     """DCT scaling rounds the scaled size up; the resize box must follow the EXIF turn, or the picture shifts."""
     photo = _upscaled(photos["astronaut"], 1.2, size=(1203, 1010))
     data = _with_orientation(photo, orientation)
-    for spec in (SPEC, DecodeSpec(height=120, width=200)):
+    for spec in (SPEC, DecodeSpec(mode="exact", height=120, width=200)):
         exact, width, height = decode_image(data, spec)
-        fast, fast_width, fast_height = decode_image(data, spec, mode="fast")
+        fast, fast_width, fast_height = decode_image(data, _fast(spec))
         assert (fast_width, fast_height) == (width, height)
         assert (width, height) == ((1010, 1203) if orientation >= 5 else (1203, 1010))
         assert _psnr(fast, exact) >= FAST_PSNR_DB, orientation
@@ -241,7 +245,7 @@ def test_fast_mode_uses_jpeg_draft(photos, monkeypatch):
     data = jpeg_bytes(_upscaled(photos["coffee"], 1.5))
     decode_image(data, SPEC)
     assert not calls  # exact mode never scales
-    decode_image(data, SPEC, mode="fast")
+    decode_image(data, _fast(SPEC))
     ((scaled_size, (_mode, box)),) = calls
     assert min(scaled_size) >= 224 and max(scaled_size) < 1000  # decoded at 1/4 scale, still >= the target
     assert box[2] <= scaled_size[0] and box[3] <= scaled_size[1]
@@ -259,7 +263,7 @@ def test_fast_mode_other_encodings(photos, encoding):
         "exif_rotated": lambda: exif_rotated_jpeg(photo),
     }[encoding]()
     exact, width, height = decode_image(data, SPEC)
-    fast, fast_width, fast_height = decode_image(data, SPEC, mode="fast")
+    fast, fast_width, fast_height = decode_image(data, _fast(SPEC))
     assert (fast_width, fast_height) == (width, height)
     assert _psnr(fast, exact) >= FAST_PSNR_DB, encoding
 
@@ -268,17 +272,17 @@ def test_fast_mode_other_encodings(photos, encoding):
 def test_fast_mode_small_images_are_exact(make):
     """Nothing to scale down by DCT and no reduction gap to use: fast mode gives the exact pixels."""
     data = make()
-    np.testing.assert_array_equal(decode_image(data, SPEC, mode="fast")[0], decode_image(data, SPEC)[0])
+    np.testing.assert_array_equal(decode_image(data, _fast(SPEC))[0], decode_image(data, SPEC)[0])
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_fast_mode_reports_the_same_errors(cases, name):
     _ext, data, kind = cases[name]
     if kind is None:
-        assert decode_image(data, SPEC, mode="fast")[0].shape == (SPEC.height, SPEC.width, 3)
+        assert decode_image(data, _fast(SPEC))[0].shape == (SPEC.height, SPEC.width, 3)
     else:
         with pytest.raises(DecodeError) as info:
-            decode_image(data, SPEC, mode="fast")
+            decode_image(data, _fast(SPEC))
         assert info.value.kind == kind
 
 
@@ -286,7 +290,7 @@ def test_decode_batch_fast_mode(cases):
     named = [(name, data) for name, (_ext, data, _kind) in cases.items()]
     table = _reader_table(named)
     exact = decode_batch(table, SPEC)
-    fast = decode_batch(table, SPEC, mode="fast")
+    fast = decode_batch(table, _fast(SPEC))
     assert fast.schema == exact.schema
     for name in (schema.ID, schema.STATUS, schema.ERROR_KIND, schema.WIDTH, schema.HEIGHT):
         assert fast.column(name).to_pylist() == exact.column(name).to_pylist(), name
@@ -298,7 +302,7 @@ def test_decode_batch_fast_mode(cases):
 
 
 def test_gray16_png_is_scaled_not_clipped():
-    pixels, width, height = decode_image(gray16_png_bytes(96, 256), DecodeSpec(height=96, width=256))
+    pixels, width, height = decode_image(gray16_png_bytes(96, 256), DecodeSpec(mode="exact", height=96, width=256))
     assert (width, height) == (256, 96)
     assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])
     row = pixels[48, :, 0].astype(int)
@@ -307,7 +311,9 @@ def test_gray16_png_is_scaled_not_clipped():
     assert 120 < pixels.mean() < 135  # not all white (plain convert("L") would clip to 255)
     # Exactly the 8-bit image round(v / 257) would give.
     expected8 = ((gray16_gradient(96, 256).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    np.testing.assert_array_equal(pixels, decode_image(png_bytes(expected8), DecodeSpec(height=96, width=256))[0])
+    np.testing.assert_array_equal(
+        pixels, decode_image(png_bytes(expected8), DecodeSpec(mode="exact", height=96, width=256))[0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -321,20 +327,24 @@ def test_32bit_int_and_float_grayscale_tiff(mode, values, expected):
     data = io.BytesIO()
     Image.fromarray(values, mode=mode).save(data, format="TIFF")
     assert Image.open(io.BytesIO(data.getvalue())).mode == mode
-    pixels, width, height = decode_image(data.getvalue(), DecodeSpec(height=1, width=4, resample=0))
+    pixels, width, height = decode_image(data.getvalue(), DecodeSpec(mode="exact", height=1, width=4, resample=0))
     assert (width, height) == (4, 1)
     assert pixels[0, :, 0].tolist() == expected
 
 
 def test_palette_transparency_composited_over_white():
-    pixels, width, height = decode_image(palette_png_with_transparency((64, 48)), DecodeSpec(height=48, width=64))
+    pixels, width, height = decode_image(
+        palette_png_with_transparency((64, 48)), DecodeSpec(mode="exact", height=48, width=64)
+    )
     assert (width, height) == (64, 48)
     assert np.all(pixels[:, :28] == 255)  # transparent half: white, like transformers' convert_to_rgb
     assert np.all(pixels[:, 36:] == (255, 0, 0))
 
 
 def test_rgba_alpha_composited_over_white(photos):
-    pixels, _, _ = decode_image(rgba_png_bytes(photos["coffee"]), DecodeSpec(height=40, width=64, resample=0))
+    pixels, _, _ = decode_image(
+        rgba_png_bytes(photos["coffee"]), DecodeSpec(mode="exact", height=40, width=64, resample=0)
+    )
     assert np.all(pixels[:, 0] >= 250)  # alpha ~0 at the left edge: white, not black
     assert pixels[:, -1].mean() < 200  # opaque at the right: the photo
 
@@ -351,7 +361,7 @@ def test_exif_orientation_applied(photos):
     data = exif_rotated_jpeg(photo, orientation=6)
     stored = Image.open(io.BytesIO(data))
     assert stored.size == (451, 300)
-    spec = DecodeSpec(height=150, width=100)
+    spec = DecodeSpec(mode="exact", height=150, width=100)
     pixels, width, height = decode_image(data, spec)
     assert (width, height) == (300, 451)  # what a viewer shows: rotated 90 degrees clockwise
     rotated = Image.fromarray(np.ascontiguousarray(np.rot90(np.asarray(stored.convert("RGB")), k=-1)))
@@ -372,7 +382,7 @@ def test_cmyk_jpeg_colours_come_back(photos):
 
 
 def test_bomb_rejected_by_our_limit_before_pixels_are_read():
-    spec = DecodeSpec(max_image_pixels=10_000)
+    spec = DecodeSpec(mode="exact", max_image_pixels=10_000)
     ok, width, height = decode_image(png_bytes(np.zeros((100, 100, 3), np.uint8)), spec)  # exactly at the limit
     assert (width, height) == (100, 100)
     with pytest.raises(DecodeError, match="above the limit of 10000") as info:
@@ -388,7 +398,7 @@ def test_bomb_between_pillow_warning_and_error_limits_uses_our_check():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not escape
         with pytest.raises(DecodeError, match="above the limit of 100000000") as info:
-            decode_image(data, DecodeSpec(max_image_pixels=100_000_000))
+            decode_image(data, DecodeSpec(mode="exact", max_image_pixels=100_000_000))
     assert info.value.kind == "decompression_bomb"
     assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global protection is untouched
 
@@ -406,7 +416,7 @@ def test_bomb_python_allocations_stay_small():
     try:
         for data in (bomb_png(), bomb_png(30_000, 30_000), bomb_png(12_000, 12_000)):
             with pytest.raises(DecodeError):
-                decode_image(data, DecodeSpec(max_image_pixels=100_000_000))
+                decode_image(data, DecodeSpec(mode="exact", max_image_pixels=100_000_000))
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -423,7 +433,7 @@ _ADDRESS_SPACE_SCRIPT = textwrap.dedent(
     from workers.config import DecodeSpec
     from workers.decode import DecodeError, decode_image
 
-    spec = DecodeSpec(max_image_pixels=100_000_000)
+    spec = DecodeSpec(mode="exact", max_image_pixels=100_000_000)
     bombs = {"huge": bomb_png(), "30k": bomb_png(30_000, 30_000), "144mp": bomb_png(12_000, 12_000)}
     decode_image(png_bytes(np.zeros((32, 32, 3), np.uint8)), spec)  # warm every code path
 
@@ -497,7 +507,7 @@ def _reader_table(named_files: list[tuple[str, bytes | None]], passthrough: tupl
 def test_decode_batch_keeps_every_row_in_order(cases):
     named = [(name, data) for name, (_ext, data, _kind) in cases.items()]
     table = _reader_table(named)
-    spec = DecodeSpec(height=64, width=80)
+    spec = DecodeSpec(mode="exact", height=64, width=80)
     out = decode_batch(table, spec)
 
     assert out.num_rows == table.num_rows
@@ -565,7 +575,7 @@ def test_null_image_on_ok_row_becomes_error():
 
 
 def test_empty_batch():
-    out = decode_batch(_reader_table([]), DecodeSpec(height=32, width=48))
+    out = decode_batch(_reader_table([]), DecodeSpec(mode="exact", height=32, width=48))
     assert out.num_rows == 0
     assert schema.PIXELS in out.column_names and schema.IMAGE not in out.column_names
     assert pixels_from_table(out).shape == (0, 32, 48, 3)
@@ -584,7 +594,7 @@ def test_decode_batch_never_raises_on_garbage(photos):
         named.append((f"flip{i}", bytes(damaged)))
         named.append((f"cut{i}", bytes(source[: int(rng.integers(0, len(source)))])))
         named.append((f"noise{i}", rng.integers(0, 256, size=int(rng.integers(1, 2000)), dtype=np.uint8).tobytes()))
-    out = decode_batch(_reader_table(named), DecodeSpec(height=16, width=16))
+    out = decode_batch(_reader_table(named), DecodeSpec(mode="exact", height=16, width=16))
     assert out.num_rows == len(named)
     assert set(out.column(schema.STATUS).to_pylist()) <= {schema.STATUS_OK, schema.STATUS_ERROR}
     assert set(out.column(schema.ERROR_KIND).to_pylist()) - {None} <= set(ERROR_KINDS)
@@ -594,7 +604,7 @@ def test_decode_batch_never_raises_on_garbage(photos):
 
 
 def test_pixels_from_table_across_chunks(photos):
-    spec = DecodeSpec(height=24, width=32)
+    spec = DecodeSpec(mode="exact", height=24, width=32)
     first = decode_batch(_reader_table([("a", png_bytes(photos["coffee"]))]), spec)
     second = decode_batch(_reader_table([("b", png_bytes(photos["rocket"])), ("c", b"")]), spec)
     both = pa.concat_tables([first, second])
@@ -630,7 +640,7 @@ def test_ray_map_batches_round_trip(ray_cluster, cases):
     ray = ray_cluster
     named = [(name, data) for name, (_ext, data, _kind) in cases.items()]
     table = _reader_table(named)
-    spec = DecodeSpec(height=48, width=64)
+    spec = DecodeSpec(mode="exact", height=48, width=64)
 
     def model_stage(batch: pa.Table) -> pa.Table:
         pixels = pixels_from_table(batch)

@@ -35,6 +35,23 @@ def test_flags_build_typed_config():
     assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
 
 
+def test_fast_path_settings_from_flags_and_yaml(tmp_path):
+    cfg = config_from_argv(["--input", "a", "--output", "b"])
+    assert (cfg.decode.mode, cfg.model.generation_batch, cfg.model.compile) == ("fast", None, False)
+    # No batch size given: the default follows where the replicas run.
+    assert (cfg.resources.model_batch_size(0.0), cfg.resources.model_batch_size(1.0)) == (64, 256)
+    cfg = config_from_argv(
+        ["--input", "a", "--output", "b", "--decode-mode", "exact", "--generation-batch", "32", "--compile",
+         "--batch-size", "24"]
+    )  # fmt: skip
+    assert (cfg.decode.mode, cfg.model.generation_batch, cfg.model.compile) == ("exact", 32, True)
+    assert cfg.resources.model_batch_size(1.0) == 24
+    path = tmp_path / "job.yaml"
+    path.write_text("input: [a]\noutput: b\ndecode_mode: exact\ncompile: true\ngeneration_batch: 8\n")
+    cfg = config_from_argv(["--config", str(path)])
+    assert (cfg.decode.mode, cfg.model.generation_batch, cfg.model.compile) == ("exact", 8, True)
+
+
 def test_config_is_frozen():
     cfg = config_from_argv(["--input", "a", "--output", "b"])
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -67,6 +84,9 @@ def test_yaml_file_then_flags_override(tmp_path):
         ({"caption": False}, "caption: nothing to do"),
         ({"min_new_tokens": 50}, "min_new_tokens: must be between"),
         ({"gpus_per_replica": -1}, "gpus_per_replica: must be >= 0"),
+        ({"decode_mode": "quick"}, "decode_mode: must be one of"),
+        ({"generation_batch": 0}, "generation_batch: must be >= 1"),
+        ({"compile": "yes"}, "compile: expected true or false"),
     ],
 )
 def test_bad_values_name_the_field(settings, field):

@@ -21,6 +21,15 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 PARTITION_BY = ("shard", "none")
 WRITE_MODES = ("resume", "overwrite", "error")
+# "fast": JPEG DCT-scaled decoding (Pillow's draft), within ~40-55 dB PSNR of
+# BlipImageProcessor and 3-4x cheaper per image; "exact": bit-identical to it.
+DECODE_MODES = ("fast", "exact")
+# Images per model call when batch_size is not set.  On CPU, per-sequence cost
+# stops falling at ~64 sequences per generate call (BENCHMARKS.md); on a GPU,
+# 256 images keep the vision encoder and generation busy, and the replica splits
+# a batch that does not fit into smaller generate calls.
+CPU_BATCH_SIZE = 64
+GPU_BATCH_SIZE = 256
 # GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 # Shard URL schemes that run commands (WebDataset's "pipe:") or are otherwise
@@ -113,8 +122,11 @@ class DecodeSpec:
     # decoded (decompression bombs).  178 MP is twice Pillow's warning limit:
     # large enough for any real photo, small enough to bound worker memory.
     max_image_pixels: int = 178_956_970
+    mode: str = "fast"  # see DECODE_MODES
 
     def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            _fail("decode_mode", f"must be one of {DECODE_MODES}, got {self.mode!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value < 1:
@@ -185,19 +197,28 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"  # auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     cache_dir: str | None = None  # where s3:// weights are fetched once per node
+    # Sequences per generate call; None = automatic (sized to free GPU memory,
+    # 64 on CPU).  Set it only to cap memory on a GPU shared with other work.
+    generation_batch: int | None = None
+    # Static KV cache + torch.compile of the decoding step on CUDA.  Off by
+    # default: compiling costs minutes per batch shape, which pays off only on
+    # long jobs.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
             _fail("model", "must not be empty")
         if self.dtype not in DTYPES:
             _fail("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.generation_batch is not None and self.generation_batch < 1:
+            _fail("generation_batch", f"must be >= 1, got {self.generation_batch}")
 
 
 @dataclass(frozen=True)
 class ResourceSpec:
     """How the stages are sized on the cluster."""
 
-    batch_size: int = 16  # images per model call; 16 fills a GPU at 224px without OOM on 24 GB cards
+    batch_size: int | None = None  # images per model call; None = CPU_BATCH_SIZE or GPU_BATCH_SIZE
     replicas_min: int = 1
     replicas_max: int = 1
     # GPUs per replica; fractions pack several small replicas on one GPU.
@@ -208,7 +229,7 @@ class ResourceSpec:
     read_batch_rows: int = 256  # rows per reader block: big enough to amortise, small enough to stream
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             _fail("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.replicas_min < 1:
             _fail("replicas_min", f"must be >= 1, got {self.replicas_min}")
@@ -222,6 +243,12 @@ class ResourceSpec:
             _fail("decode_concurrency", f"must be >= 1, got {self.decode_concurrency}")
         if self.read_batch_rows < 1:
             _fail("read_batch_rows", f"must be >= 1, got {self.read_batch_rows}")
+
+    def model_batch_size(self, gpus_per_replica: float) -> int:
+        """Images per model call: the setting, or the default for where replicas run."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_BATCH_SIZE if gpus_per_replica > 0 else CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ white) and the resize is the same single ``PIL.Image.resize`` call that
 one intentional difference is high-bit-depth input (16/32-bit integer and float
 grayscale), which the processor would clip to white; here it is scaled to 8 bits.
 
-``mode="fast"`` trades that bit-identity for speed (the default stays
-``"exact"``).  JPEGs are decoded with Pillow's ``draft`` (libjpeg's DCT
+``DecodeSpec.mode="fast"`` (the job's default) trades that bit-identity for
+speed; ``"exact"`` keeps it.  JPEGs are decoded with Pillow's ``draft`` (libjpeg's DCT
 scaling by 1/2, 1/4 or 1/8) to the smallest size that is still at least the
 target size, and the bicubic resize then reads exactly the area of the full
 image (a fractional ``box``: the scaled decode rounds the edge pixels up), so
@@ -50,9 +50,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from workers import schema
 from workers.config import DecodeSpec
 
-# Decode modes: "exact" is bit-identical to BlipImageProcessor; "fast" uses
-# JPEG DCT scaling and a reducing resize (see the module docstring).
-MODES = ("exact", "fast")
 FAST_REDUCING_GAP = 3.0
 
 # Every DecodeError.kind this module emits.
@@ -245,7 +242,7 @@ def _oriented_box(size: tuple[int, int], box: tuple[float, float, float, float],
     }[orientation]
 
 
-def decode_image(data: bytes, spec: DecodeSpec, mode: str = "exact") -> tuple[np.ndarray, int, int]:
+def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, int, int]:
     """Decode one image file into model-ready pixels.
 
     Returns ``(pixels, width, height)``: ``pixels`` is uint8 ``(spec.height,
@@ -253,11 +250,9 @@ def decode_image(data: bytes, spec: DecodeSpec, mode: str = "exact") -> tuple[np
     shows it (after EXIF orientation).  Animated images use their first frame.
     Raises :class:`DecodeError` (and nothing else) for a bad file.
 
-    ``mode``: ``"exact"`` (bit-identical to ``BlipImageProcessor``) or
+    ``spec.mode``: ``"exact"`` (bit-identical to ``BlipImageProcessor``) or
     ``"fast"`` (JPEG DCT-scaled decoding, see the module docstring).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     if not data:
         raise DecodeError("empty_file", "the file is empty (0 bytes)")
     im = _open_checked(data, spec)
@@ -266,7 +261,7 @@ def decode_image(data: bytes, spec: DecodeSpec, mode: str = "exact") -> tuple[np
         reducing_gap = None
         try:
             im.seek(0)  # animations (GIF/WebP/APNG/MPO): the first frame; a no-op otherwise
-            if mode == "fast":
+            if spec.mode == "fast":
                 reducing_gap = FAST_REDUCING_GAP
                 # JPEG only: its EXIF sits in the header (other formats' getexif() may decode pixels).
                 if im.format in ("JPEG", "MPO"):
@@ -302,17 +297,15 @@ def _tensor_array(pixels: np.ndarray) -> pa.ExtensionArray:
     return ArrowTensorArray.from_numpy(pixels)
 
 
-def decode_batch(batch: pa.Table, spec: DecodeSpec, mode: str = "exact") -> pa.Table:
+def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     """Decode a reader batch.  Same rows, same order; ``image`` is replaced by
     ``pixels`` (tensor column), ``width`` and ``height`` (int32, null on error rows).
 
     Rows whose status is not ``ok`` pass through untouched (pixels all zero).
     Rows that fail to decode become error rows with :class:`DecodeError`'s kind.
     Every other column (passthrough strings, ``row_questions`` ...) is kept.
-    ``mode`` is :func:`decode_image`'s (``"exact"`` or ``"fast"``).
+    ``spec.mode`` chooses exact or fast decoding (:func:`decode_image`).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
     n = batch.num_rows
     names = batch.column_names
     for required in (schema.IMAGE, schema.STATUS, schema.ERROR_KIND, schema.ERROR):
@@ -335,7 +328,7 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec, mode: str = "exact") -> pa.T
         try:
             if data is None:
                 raise DecodeError("missing_image", "the row has no image bytes")
-            pixels[i], widths[i], heights[i] = decode_image(data, spec, mode)
+            pixels[i], widths[i], heights[i] = decode_image(data, spec)
         except DecodeError as exc:
             statuses[i] = schema.STATUS_ERROR
             kinds[i] = exc.kind

@@ -31,11 +31,11 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from workers import schema
-from workers.config import AnnotateConfig, DecodeSpec, InputSpec, StorageOptions
+from workers.config import AnnotateConfig, DecodeSpec, InputSpec, ResourceSpec, StorageOptions
 from workers.decode import decode_batch
 from workers.listing import ShardRef
 from workers.readers import read_shard
-from workers.replica import Blip2Replica
+from workers.replica import Blip2Replica, FastPath
 from workers.writer import write_rows
 
 # Rows per written file at most: ~200 KB of Parquet. Small enough that rows
@@ -72,6 +72,38 @@ def shard_items(shards: list[ShardRef]) -> list[dict]:
     return [dataclasses.asdict(s) for s in shards]
 
 
+def decoded_dataset(
+    input_spec: InputSpec,
+    storage: StorageOptions,
+    resources: ResourceSpec,
+    shards: list[ShardRef],
+    decode_spec: DecodeSpec,
+) -> ray.data.Dataset:
+    """The read and decode stages: one row per sample, ``pixels`` filled on ok rows.
+
+    Also the benchmark's "pure decoding" baseline, so the end-to-end benchmark
+    measures exactly what the model and write stages add.
+    """
+    ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(
+        read_shards,
+        fn_kwargs={"spec": input_spec, "storage": storage, "batch_rows": resources.read_batch_rows},
+        batch_size=1,
+        batch_format="pyarrow",
+    )
+    decode_compute = TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": decode_spec},
+        # Whole reader blocks (read_batch_rows each): a fixed batch size here
+        # would make Ray Data bundle up to that many *shards* into one fused
+        # read+decode task, serialising reads and starving the model stage.
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=decode_compute,
+    )
+
+
 def build_dataset(
     cfg: AnnotateConfig,
     shards: list[ShardRef],
@@ -82,24 +114,7 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """Lazily build the dataset of write reports (``writer.REPORT_SCHEMA``); nothing runs until consumed."""
     res = cfg.resources
-    ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(
-        read_shards,
-        fn_kwargs={"spec": cfg.input, "storage": cfg.storage, "batch_rows": res.read_batch_rows},
-        batch_size=1,
-        batch_format="pyarrow",
-    )
-    decode_compute = TaskPoolStrategy(size=res.decode_concurrency) if res.decode_concurrency else None
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"spec": decode_spec},
-        # Whole reader blocks (read_batch_rows each): a fixed batch size here
-        # would make Ray Data bundle up to that many *shards* into one fused
-        # read+decode task, serialising reads and starving the model stage.
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=decode_compute,
-    )
+    ds = decoded_dataset(cfg.input, cfg.storage, res, shards, decode_spec)
     ds = ds.map_batches(
         Blip2Replica,
         fn_constructor_kwargs={
@@ -108,8 +123,9 @@ def build_dataset(
             "generation": cfg.generation,
             "storage": cfg.storage,
             "cache_root": model_cache_root,
+            "fast": FastPath(generation_batch=cfg.model.generation_batch, compile=cfg.model.compile),
         },
-        batch_size=res.batch_size,
+        batch_size=res.model_batch_size(gpus_per_replica),
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=res.replicas_min, max_size=res.replicas_max),
         num_gpus=gpus_per_replica,
