@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+
 CPU_CASES = ("preprocess", "model-tiny", "model-small", "e2e")
 GPU_CASES = ("preprocess", "model-opt-2.7b", "model-opt-6.7b")
 ALL_CASES = ("preprocess", "model-tiny", "model-small", "model-small-t5", "model-opt-2.7b", "model-opt-6.7b", "e2e")
@@ -66,7 +68,9 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemist
 MEGAPIXELS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # Enough images that the pipeline's fixed start-up (model actor: imports, loading;
 # ~4 s on 2 cores) is a small part of a run, as in any real job.
-E2E_IMAGES = 1536
+# Enough images that starting the model actor (importing torch and
+# transformers: ~3 CPU-seconds) is a small part of the run, as in real jobs.
+E2E_IMAGES = 6144
 
 
 @dataclass
@@ -713,10 +717,8 @@ def write_shards(root: Path, files: list[bytes], per_shard: int) -> list[Path]:
     return paths
 
 
-def _decode_only(shard_dir: Path, decode_concurrency: int) -> int:
+def _decode_only(shard_dir: Path, decode_concurrency: int, decode_mode: str | None = None) -> int:
     """Read + decode the shards with the pipeline's own first stages and settings; rows seen."""
-    import pyarrow as pa
-
     from jobs.settings import config_from_argv
     from workers import schema
     from workers.listing import list_shards
@@ -725,24 +727,28 @@ def _decode_only(shard_dir: Path, decode_concurrency: int) -> int:
     # The job's defaults, as _pipeline runs it; pixels at the tiny model's input size.
     cfg = config_from_argv(
         ["--input", str(shard_dir), "--output", "unused", "--decode-concurrency", str(decode_concurrency)]
+        + (["--decode-mode", decode_mode] if decode_mode else [])
     )
     decode_spec = dataclasses.replace(cfg.decode, height=32, width=32, resample=3)
     shards, _ = list_shards(cfg.input, cfg.storage)
 
-    def drop_pixels(batch: pa.Table) -> pa.Table:
-        ok = sum(1 for s in batch.column(schema.STATUS).to_pylist() if s == schema.STATUS_OK)
-        return pa.table({"rows": [ok]})
-
+    # The driver takes the decoded blocks itself (32x32 pixels: ~3 KB a row):
+    # another stage to drop the pixels would be an operator of our making that
+    # Ray Data reserves CPU for, slowing the baseline down.
     ds = decoded_dataset(cfg.input, cfg.storage, cfg.resources, shards, decode_spec)
-    ds = ds.map_batches(drop_pixels, batch_format="pyarrow", batch_size=None)
     rows = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows += sum(batch.column("rows").to_pylist())
+        rows += sum(1 for s in batch.column(schema.STATUS).to_pylist() if s == schema.STATUS_OK)
     return rows
 
 
 def _pipeline(
-    shard_dir: Path, model_dir: Path, out_dir: Path, decode_concurrency: int, batch_size: int | None = None
+    shard_dir: Path,
+    model_dir: Path,
+    out_dir: Path,
+    decode_concurrency: int,
+    batch_size: int | None = None,
+    decode_mode: str | None = None,
 ) -> int:
     """The whole job through ``jobs.annotate.run`` (default settings but the ones named); rows written."""
     from jobs.annotate import run
@@ -758,8 +764,11 @@ def _pipeline(
             str(model_dir),
             "--decode-concurrency",
             str(decode_concurrency),
+            "--mode",
+            "overwrite",  # a reused --work-dir must not turn a round into a resume with nothing to do
         ]
         + (["--batch-size", str(batch_size)] if batch_size else [])
+        + (["--decode-mode", decode_mode] if decode_mode else [])
     )
     summary = run(cfg)
     return int(summary.get("rows_this_run", summary.get("inputs", 0)))
@@ -771,10 +780,12 @@ def bench_e2e(
     rounds: int = 2,
     batch_size: int | None = None,
     log: Callable[[str], None] = print,
+    decode_mode: str | None = None,
 ) -> list[Result]:
     """Whole pipeline (tiny model) vs pure decoding on the same local shards and the same Ray.
 
-    ``batch_size``: the pipeline's ``--batch-size`` (images per model call); default: the job's default.
+    ``batch_size``: the pipeline's ``--batch-size`` (images per model call); ``decode_mode``: both
+    paths' ``--decode-mode``; default: the job's defaults.
     """
     import ray
 
@@ -792,9 +803,12 @@ def bench_e2e(
         build_tiny_blip2(model_dir, flavor="opt")
     started_ray = False
     if not ray.is_initialized():
-        # One logical CPU more than the cores: the model actor reserves one, and
-        # decoding keeps as many parallel tasks as there are cores in both runs.
-        ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
+        # Two logical CPUs more than the cores, for the model actor and a write
+        # task: then Ray Data's per-operator CPU reservations still let decoding
+        # run as many parallel tasks as there are cores, in both runs.  The
+        # actor and the writers then compete with decoding for the cores, so
+        # their CPU time shows up as wall time.
+        ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False)
         started_ray = True
     runs = {"n": 0}
     cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
@@ -814,13 +828,13 @@ def bench_e2e(
 
     def pipeline_run() -> int:
         runs["n"] += 1
-        return _pipeline(shard_dir, model_dir, work_dir / f"e2e-out-{runs['n']}", cores, batch_size)
+        return _pipeline(shard_dir, model_dir, work_dir / f"e2e-out-{runs['n']}", cores, batch_size, decode_mode)
 
     try:
-        _decode_only(shard_dir, cores)  # warm-up: Ray workers, imports, page cache
+        _decode_only(shard_dir, cores, decode_mode)  # warm-up: Ray workers, imports, page cache
         m = alternate(
             counted("ours", pipeline_run),
-            counted("baseline", lambda: _decode_only(shard_dir, cores)),
+            counted("baseline", lambda: _decode_only(shard_dir, cores, decode_mode)),
             rounds,
             "cpu",
             memory_scope="system",
@@ -832,7 +846,9 @@ def bench_e2e(
     cpu_overhead = min(cpu["ours"]) / min(cpu["baseline"]) - 1 if cpu["ours"] and cpu["baseline"] else None
     result = Result(
         case="e2e",
-        variant="pipeline (tiny model) vs pure decoding" + (f", batch {batch_size}" if batch_size else ""),
+        variant="pipeline (tiny model) vs pure decoding"
+        + (f", batch {batch_size}" if batch_size else "")
+        + (f", {decode_mode} decoding" if decode_mode else ""),
         device="cpu",
         images=m["ours"]["images"],
         baseline_images=m["baseline"]["images"],
@@ -847,7 +863,7 @@ def bench_e2e(
             f"pipeline adds {100 * overhead:.0f}% wall time"
             + (f" ({100 * cpu_overhead:.0f}% CPU time)" if cpu_overhead is not None else "")
             + f"; {len(files)} JPEGs of 1-2 MP; "
-            f"Ray num_cpus={cores + 1 if started_ray else 'existing'}, decode concurrency {cores}; "
+            f"Ray num_cpus={cores + 2 if started_ray else 'existing'}, decode concurrency {cores}; "
             "memory = system memory in use above the start"
         ),
         extra={
@@ -934,6 +950,7 @@ def run_benchmark(
     preprocess_images: int | None = None,
     e2e_images: int | None = None,
     e2e_batch: int | None = None,
+    e2e_decode_mode: str | None = None,
     layers: int | None = None,
     rounds: int = 2,
     work_dir: Path | None = None,
@@ -952,9 +969,10 @@ def run_benchmark(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     gpu = device == "cuda"
-    images = images or (1024 if gpu else 32)
+    images = images or (1024 if gpu else CPU_BATCH_SIZE)  # CPU: one full batch
     baseline_images = baseline_images or min(images, 16 if gpu else 8)
-    batch = batch or (256 if gpu else 16)
+    # The job's own batch_size defaults, so the model cases measure what a job runs.
+    batch = batch or (GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
     threads = threads if threads is not None else (None if gpu else 1)
     settings = {
         "cases": cases,
@@ -965,6 +983,7 @@ def run_benchmark(
         "layers": layers,
         "e2e_images": e2e_images or E2E_IMAGES,
         "e2e_batch": e2e_batch,
+        "e2e_decode_mode": e2e_decode_mode,
         "rounds": rounds,
         "fast_options": fast_options or {},
         "dtype": dtype,
@@ -978,7 +997,14 @@ def run_benchmark(
             if case == "preprocess":
                 results += bench_preprocess(preprocess_images or max(images, 40), rounds=rounds, log=log)
             elif case == "e2e":
-                results += bench_e2e(e2e_images or E2E_IMAGES, root, rounds=rounds, batch_size=e2e_batch, log=log)
+                results += bench_e2e(
+                    e2e_images or E2E_IMAGES,
+                    root,
+                    rounds=rounds,
+                    batch_size=e2e_batch,
+                    decode_mode=e2e_decode_mode,
+                    log=log,
+                )
             else:
                 full = case in ("model-opt-2.7b", "model-opt-6.7b")
                 if full and not gpu and not layers:
@@ -1005,12 +1031,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", help=f"comma-separated, of: {', '.join(ALL_CASES)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--images", type=int, help="images per model case on our path (CPU 32, CUDA 1024)")
+    parser.add_argument("--images", type=int, help=f"images per model case, ours (CPU {CPU_BATCH_SIZE}, CUDA 1024)")
     parser.add_argument("--baseline-images", type=int, help="images per model case on the baseline (CPU 8, CUDA 16)")
-    parser.add_argument("--batch", type=int, help="images per model-stage call (CPU 16, CUDA 256)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help=f"images per model-stage call (CPU {CPU_BATCH_SIZE}, CUDA {GPU_BATCH_SIZE}: the job's defaults)",
+    )
     parser.add_argument("--preprocess-images", type=int, help="JPEGs in the preprocessing case (default 40)")
     parser.add_argument("--e2e-images", type=int, help=f"JPEGs in the end-to-end case (default {E2E_IMAGES})")
     parser.add_argument("--e2e-batch-size", type=int, help="the pipeline's --batch-size in the end-to-end case")
+    parser.add_argument(
+        "--e2e-decode-mode", choices=("fast", "exact"), help="--decode-mode of both end-to-end paths (default fast)"
+    )
     parser.add_argument("--layers", type=int, help="cap tower depths of the full-size configs (smoke runs)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case (default 2)")
     parser.add_argument(
@@ -1047,6 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_images=args.preprocess_images,
         e2e_images=args.e2e_images,
         e2e_batch=args.e2e_batch_size,
+        e2e_decode_mode=args.e2e_decode_mode,
         layers=args.layers,
         rounds=args.rounds,
         work_dir=args.work_dir,

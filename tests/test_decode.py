@@ -136,20 +136,27 @@ def test_default_resample_is_blips():
     assert int(BlipImageProcessorPil.resample) == DecodeSpec().resample == int(Image.Resampling.BICUBIC)
 
 
+ENCODINGS = {
+    "png": png_bytes,
+    "jpeg": jpeg_bytes,
+    "webp": webp_bytes,
+    "cmyk_jpeg": cmyk_jpeg_bytes,
+    "grayscale_jpeg": lambda photo: jpeg_bytes(np.asarray(Image.fromarray(photo).convert("L"))),
+    "rgba_png": rgba_png_bytes,
+    "exif_rotated": exif_rotated_jpeg,
+}
+
+
+def _encoded(photo: np.ndarray, encoding: str) -> bytes:
+    return ENCODINGS[encoding](photo)
+
+
 @pytest.mark.parametrize("photo_name", ["astronaut", "coffee", "chelsea", "rocket"])
 @pytest.mark.parametrize("encoding", ["png", "jpeg", "webp", "cmyk_jpeg", "grayscale_jpeg", "rgba_png", "exif_rotated"])
 @pytest.mark.parametrize("size", [(224, 224), (120, 200)])
 def test_bit_identical_to_blip_processor(photos, photo_name, encoding, size):
     photo = photos[photo_name]
-    data = {
-        "png": lambda: png_bytes(photo),
-        "jpeg": lambda: jpeg_bytes(photo),
-        "webp": lambda: webp_bytes(photo),
-        "cmyk_jpeg": lambda: cmyk_jpeg_bytes(photo),
-        "grayscale_jpeg": lambda: jpeg_bytes(np.asarray(Image.fromarray(photo).convert("L"))),
-        "rgba_png": lambda: rgba_png_bytes(photo),
-        "exif_rotated": lambda: exif_rotated_jpeg(photo),
-    }[encoding]()
+    data = _encoded(photo, encoding)
     spec = DecodeSpec(mode="exact", height=size[0], width=size[1])
     ours, width, height = decode_image(data, spec)
     # The reference sees the image as transformers' own load_image would: EXIF-oriented.
@@ -254,14 +261,7 @@ def test_fast_mode_uses_jpeg_draft(photos, monkeypatch):
 @pytest.mark.parametrize("encoding", ["png", "webp", "cmyk_jpeg", "grayscale_jpeg", "rgba_png", "exif_rotated"])
 def test_fast_mode_other_encodings(photos, encoding):
     photo = _upscaled(photos["chelsea"], 1.0)
-    data = {
-        "png": lambda: png_bytes(photo),
-        "webp": lambda: webp_bytes(photo),
-        "cmyk_jpeg": lambda: cmyk_jpeg_bytes(photo),
-        "grayscale_jpeg": lambda: jpeg_bytes(np.asarray(Image.fromarray(photo).convert("L"))),
-        "rgba_png": lambda: rgba_png_bytes(photo),
-        "exif_rotated": lambda: exif_rotated_jpeg(photo),
-    }[encoding]()
+    data = _encoded(photo, encoding)
     exact, width, height = decode_image(data, SPEC)
     fast, fast_width, fast_height = decode_image(data, _fast(SPEC))
     assert (fast_width, fast_height) == (width, height)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 from imagefactory import jpeg_bytes
 from shards import write_tar
 
@@ -26,11 +27,15 @@ def test_read_stage_appends_one_shard_end_row_per_shard(tmp_path, photos):
     assert [r[schema.KEY] for r in rows if r[schema.STATUS] != schema.STATUS_SHARD_END] == ["x", "y"]
 
 
-def test_decode_runs_in_its_own_cpu_stage_not_inside_the_model_actors(ray_cluster, tmp_path, tiny_models, photos):
+@pytest.mark.parametrize("decode_concurrency", [None, 2])
+def test_decode_runs_in_its_own_cpu_stage_not_inside_the_model_actors(
+    ray_cluster, tmp_path, tiny_models, photos, decode_concurrency
+):
+    """Read and decode fuse into one task per shard (also with a decode cap); the model stays apart."""
     write_tar(tmp_path / "a.tar", [(f"{i}.jpg", jpeg_bytes(photos["rocket"])) for i in range(3)])
     cfg = build_config(
         {"input": [str(tmp_path / "a.tar")], "output": str(tmp_path / "out"), "model": str(tiny_models["opt"]),
-         "max_new_tokens": 2}
+         "max_new_tokens": 2, "decode_concurrency": decode_concurrency}
     )  # fmt: skip
     shards, _ = list_shards(cfg.input, cfg.storage)
     ds = build_dataset(cfg, shards, DecodeSpec(height=32, width=32), 0.0, None, "r1")

@@ -39,7 +39,7 @@ def test_fast_path_settings_from_flags_and_yaml(tmp_path):
     cfg = config_from_argv(["--input", "a", "--output", "b"])
     assert (cfg.decode.mode, cfg.model.generation_batch, cfg.model.compile) == ("fast", None, False)
     # No batch size given: the default follows where the replicas run.
-    assert (cfg.resources.model_batch_size(0.0), cfg.resources.model_batch_size(1.0)) == (64, 256)
+    assert (cfg.resources.model_batch_size(0.0), cfg.resources.model_batch_size(1.0)) == (128, 256)
     cfg = config_from_argv(
         ["--input", "a", "--output", "b", "--decode-mode", "exact", "--generation-batch", "32", "--compile",
          "--batch-size", "24"]

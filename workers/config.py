@@ -24,11 +24,12 @@ WRITE_MODES = ("resume", "overwrite", "error")
 # "fast": JPEG DCT-scaled decoding (Pillow's draft), within ~40-55 dB PSNR of
 # BlipImageProcessor and 3-4x cheaper per image; "exact": bit-identical to it.
 DECODE_MODES = ("fast", "exact")
-# Images per model call when batch_size is not set.  On CPU, per-sequence cost
-# stops falling at ~64 sequences per generate call (BENCHMARKS.md); on a GPU,
-# 256 images keep the vision encoder and generation busy, and the replica splits
-# a batch that does not fit into smaller generate calls.
-CPU_BATCH_SIZE = 64
+# Images per model call when batch_size is not set.  On CPU, the cost per
+# generated sequence falls until ~128 sequences per generate call, the
+# replica's CPU generation batch (BENCHMARKS.md); on a GPU, 256 images keep the
+# vision encoder and generation busy, and the replica splits a batch that does
+# not fit memory into smaller generate calls.
+CPU_BATCH_SIZE = 128
 GPU_BATCH_SIZE = 256
 # GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -41,6 +41,7 @@ from workers.writer import write_rows
 # Rows per written file at most: ~200 KB of Parquet. Small enough that rows
 # waiting for a full batch (and so for their shard marker) stay few.
 WRITE_BATCH_ROWS = 2_048
+WRITE_CPUS = 0.25
 
 
 def read_shards(batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int) -> Iterator[pa.Table]:
@@ -84,14 +85,19 @@ def decoded_dataset(
     Also the benchmark's "pure decoding" baseline, so the end-to-end benchmark
     measures exactly what the model and write stages add.
     """
+    # Reading and decoding share a compute strategy so that Ray Data fuses them
+    # into one task per shard (Task->Task fusion needs equal pool sizes).
+    # Unfused, readers run ahead and park hundreds of MB of undecoded bytes in
+    # the object store while the decode tasks wait for resource budget.
+    compute = TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(
         read_shards,
         fn_kwargs={"spec": input_spec, "storage": storage, "batch_rows": resources.read_batch_rows},
         batch_size=1,
         batch_format="pyarrow",
+        compute=compute,
     )
-    decode_compute = TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": decode_spec},
@@ -100,7 +106,7 @@ def decoded_dataset(
         # read+decode task, serialising reads and starving the model stage.
         batch_size=None,
         batch_format="pyarrow",
-        compute=decode_compute,
+        compute=compute,
     )
 
 
@@ -147,5 +153,13 @@ def build_dataset(
         },
         batch_size=min(cfg.output.max_rows_per_file, WRITE_BATCH_ROWS),
         batch_format="pyarrow",
+        # Writing a batch is a Parquet encode of a few hundred KB and one PUT:
+        # a quarter of a CPU each, at most a couple of writes in flight per
+        # replica (a replica at 1,000 images/s fills a batch every 2 s).
+        # The cap also bounds what Ray Data reserves for this stage, which it
+        # otherwise takes from decoding (on a 4-CPU box: one decode task
+        # instead of two).
+        num_cpus=WRITE_CPUS,
+        compute=TaskPoolStrategy(size=max(2, 2 * res.replicas_max)),
     )
     return ds
