@@ -154,7 +154,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
         "images_per_s": round(rows_this_run / wall, 3) if wall > 0 else 0.0,
         "gpus_per_replica": gpus,
-        "batch_size": cfg.resources.model_batch_size(gpus),
+        "batch_size": cfg.resources.model_batch_size(gpus) if todo else None,  # None: nothing ran
         "model": model_info,
         "config": cfg.to_dict(),
     }

@@ -66,8 +66,6 @@ H100_BF16_TFLOPS = 989.0
 CAPTION_LIMIT_PER_S = H100_BF16_TFLOPS * 1e3 / OPT27_GFLOP_PER_CAPTION
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field")
 MEGAPIXELS = (1.0, 1.25, 1.5, 1.75, 2.0)
-# Enough images that the pipeline's fixed start-up (model actor: imports, loading;
-# ~4 s on 2 cores) is a small part of a run, as in any real job.
 # Enough images that starting the model actor (importing torch and
 # transformers: ~3 CPU-seconds) is a small part of the run, as in real jobs.
 E2E_IMAGES = 6144
@@ -1038,7 +1036,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help=f"images per model-stage call (CPU {CPU_BATCH_SIZE}, CUDA {GPU_BATCH_SIZE}: the job's defaults)",
     )
-    parser.add_argument("--preprocess-images", type=int, help="JPEGs in the preprocessing case (default 40)")
+    parser.add_argument(
+        "--preprocess-images", type=int, help="JPEGs in the preprocessing case (default: --images, >= 40)"
+    )
     parser.add_argument("--e2e-images", type=int, help=f"JPEGs in the end-to-end case (default {E2E_IMAGES})")
     parser.add_argument("--e2e-batch-size", type=int, help="the pipeline's --batch-size in the end-to-end case")
     parser.add_argument(

@@ -204,7 +204,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES)
     g.add_argument("--model-cache-dir", help="node-local directory for fetched weights")
     g.add_argument("--generation-batch", type=int, help="sequences per generate call (default: automatic)")
-    g.add_argument("--compile", action="store_true", help="static KV cache + torch.compile on CUDA")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="static KV cache + torch.compile on CUDA")
     g = p.add_argument_group("prompts")
     g.add_argument("--no-caption", dest="caption", action="store_false", help="skip captioning")
     g.add_argument("--caption-prompt", help='text the caption continues, e.g. "a photo of"')

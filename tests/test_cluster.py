@@ -315,7 +315,7 @@ def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bu
         "--batch-size", "4",
         "--replicas", "2",
         "--gpus-per-replica", "0",
-        "--decode-concurrency", "2",  # one read task per shard (docs/scaling.md)
+        "--decode-concurrency", "2",  # at most 2 fused read+decode tasks at a time, one shard each
         timeout=240,
     )  # fmt: skip
     print(f"ray job submit -> exit after {time.monotonic() - started:.1f}s")
@@ -339,7 +339,8 @@ def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bu
     (job,) = [j for j in _state(dashboard, "jobs") if j.get("submission_id") == job_id]
     assert job["status"] == "SUCCEEDED"
     tasks = [t for t in _state(dashboard, "tasks") if t["job_id"] == job["job_id"]]
-    read_nodes = {t["node_id"] for t in tasks if t["name"] == "MapBatches(read_shards)" and t["node_id"]}
+    # Read and decode are fused: the tasks are named "MapBatches(read_shards)->MapBatches(decode_batch)".
+    read_nodes = {t["node_id"] for t in tasks if "MapBatches(read_shards)" in t["name"] and t["node_id"]}
     assert read_nodes == {n["node_id"] for n in nodes}
     replicas, placed = _replica_nodes(dashboard, job["job_id"])
     # Both replicas start; a job this small may finish before the second is ready.
@@ -502,9 +503,7 @@ def test_gpu_nodes_scale_up_with_the_replica_pool_and_down_after(autoscaling_clu
         "--batch-size", "4",
         "--replicas", f"{MIN_REPLICAS}:{MAX_REPLICAS}",
         "--gpus-per-replica", "1",
-        # Keeps read and decode apart: without a decode setting of its own Ray Data fuses
-        # the two into tasks of up to 64 shards each (see docs/scaling.md).
-        "--decode-concurrency", "2",
+        "--decode-concurrency", "2",  # fused read+decode tasks, one shard each
     ]  # fmt: skip
     env = _cluster_env({"RAY_ADDRESS": gcs})  # the driver joins this cluster, as under `ray job submit`
     started = time.monotonic()
@@ -527,7 +526,7 @@ def test_gpu_nodes_scale_up_with_the_replica_pool_and_down_after(autoscaling_clu
     assert placed and len(set(placed.values())) == len(placed)
     assert set(placed.values()) <= gpu_nodes
     tasks = _state(dashboard, "tasks")
-    decode_nodes = {t["node_id"] for t in tasks if t["name"] == "MapBatches(decode_batch)" and t["node_id"]}
+    decode_nodes = {t["node_id"] for t in tasks if "MapBatches(decode_batch)" in t["name"] and t["node_id"]}
     assert head_id in decode_nodes
 
     # The cluster shrinks back once the GPU nodes are idle.

@@ -195,6 +195,17 @@ def test_manifest_diff_nested():
     assert manifest_diff({"a": {"b": 1, "c": [1]}}, {"a": {"b": 2, "c": [1]}}) == ["a.b: was 1, now 2"]
 
 
+def test_settings_added_later_compare_against_what_older_code_did():
+    """Outputs written before decode_mode existed were decoded exactly: resuming them in fast mode is refused."""
+    old = {"decode": {"max_image_pixels": 10}}  # an older manifest: no decode.mode
+    assert manifest_diff(old, {"decode": {"max_image_pixels": 10, "mode": "fast"}}) == [
+        "decode.mode: was 'exact', now 'fast'"
+    ]
+    assert manifest_diff(old, {"decode": {"max_image_pixels": 10, "mode": "exact"}}) == []
+    # A new setting without a known legacy value is not a difference.
+    assert manifest_diff(old, {"decode": {"max_image_pixels": 10, "mode": "exact", "other": 1}}) == []
+
+
 def _touch(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"PAR1")

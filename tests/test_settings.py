@@ -50,6 +50,7 @@ def test_fast_path_settings_from_flags_and_yaml(tmp_path):
     path.write_text("input: [a]\noutput: b\ndecode_mode: exact\ncompile: true\ngeneration_batch: 8\n")
     cfg = config_from_argv(["--config", str(path)])
     assert (cfg.decode.mode, cfg.model.generation_batch, cfg.model.compile) == ("exact", 8, True)
+    assert config_from_argv(["--config", str(path), "--no-compile"]).model.compile is False  # the flag wins
 
 
 def test_config_is_frozen():
@@ -122,7 +123,6 @@ def test_summary_dict_round_trips_without_secrets():
     assert isinstance(cfg, AnnotateConfig)
     flat = repr(d).lower()
     assert "secret" not in flat and "access_key" not in flat
-
 
 
 def test_readme_documents_every_setting():

@@ -199,10 +199,11 @@ class ModelSpec:
     dtype: str = "auto"  # auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
     cache_dir: str | None = None  # where s3:// weights are fetched once per node
     # Sequences per generate call; None = automatic (sized to free GPU memory,
-    # 64 on CPU).  Set it only to cap memory on a GPU shared with other work.
+    # 128 on CPU).  Set it only to cap memory on a GPU shared with other work.
     generation_batch: int | None = None
-    # Static KV cache + torch.compile of the decoding step on CUDA.  Off by
-    # default: compiling costs minutes per batch shape, which pays off only on
+    # Static KV cache + torch.compile of the decoding step on CUDA (on CPU only
+    # the static cache, which is slower).  Off by default: compiling costs
+    # minutes per batch shape, which pays off only on
     # long jobs.
     compile: bool = False
 

@@ -52,17 +52,27 @@ def _write_json_atomic(fs, path: str, payload: Any, local: bool) -> None:
     put_atomic(fs, path, json.dumps(payload, indent=2, sort_keys=True).encode(), local)
 
 
+# Settings added after outputs were first written, with the value that older
+# code used without recording it: a resume compares against that value, so an
+# output decoded one way is not silently continued another way.
+LEGACY_VALUES: dict[str, Any] = {"decode.mode": "exact"}
+
+
 def manifest_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable differences between two manifests.
 
-    ``code_version`` is informational, and so is a setting the old manifest
-    does not know (added by a newer version of this code).
+    ``code_version`` is informational.  A setting the old manifest does not
+    know (added by a newer version of this code) is compared against its
+    :data:`LEGACY_VALUES` entry when it has one, and ignored otherwise.
     """
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if (key == "code_version" and not prefix) or key not in old:
+        path = f"{prefix}{key}"
+        if key == "code_version" and not prefix:
             continue
-        a, b = old.get(key), new.get(key)
+        if key not in old and path not in LEGACY_VALUES:
+            continue
+        a, b = old.get(key, LEGACY_VALUES.get(path)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += manifest_diff(a, b, f"{prefix}{key}.")
         elif a != b:

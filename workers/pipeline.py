@@ -9,7 +9,7 @@ Why this shape:
   model stage and its streaming backpressure stops decoded pixels from piling up
   in the object store when the GPUs are the bottleneck.
 * The model stage is an actor pool of callable-class replicas: weights load once
-  per actor, and ``concurrency=(min, max)`` lets the pool grow with the cluster.
+  per actor, and ``ActorPoolStrategy(min, max)`` lets the pool grow with the cluster.
 * Error rows flow through every stage (each stage passes through rows it
   cannot work on), so every input sample reaches the writer exactly once.
 * After a shard's last sample the reader emits a ``shard_end`` row holding

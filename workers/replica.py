@@ -374,7 +374,10 @@ class Blip2Replica:
         if self.fast.compile:
             self._generate_kwargs["cache_implementation"] = "static"
             if self.device.type != "cuda":
-                log.info("FastPath.compile: static KV cache only; torch.compile is used on CUDA only")
+                log.warning(
+                    "compile on a CPU replica: static KV cache only (torch.compile is used on CUDA only), "
+                    "and without the image-prefix cache; this is slower than the default on CPU"
+                )
 
     def prompt_ids(self, prompt: str | None) -> tuple[int, ...]:
         """Token ids of ``prompt`` as ``Blip2Processor`` makes them (``None`` = unprompted caption)."""
@@ -434,7 +437,12 @@ class Blip2Replica:
             chunk = int(min(GPU_MAX_GENERATION_BATCH, max(1, fit)))
         else:
             chunk = CPU_GENERATION_BATCH
-        return min(chunk, self._generation_cap) if self._generation_cap else chunk
+        chunk = min(chunk, self._generation_cap) if self._generation_cap else chunk
+        if self.fast.compile and self.device.type == "cuda":
+            # _generate pads a chunk up to a power of two; rounding down here keeps
+            # the padded batch within the memory-sized (or user-capped) chunk.
+            chunk = 1 << (chunk.bit_length() - 1)
+        return chunk
 
     def _vision_chunk(self, n: int) -> int:
         if self.fast.vision_batch:
