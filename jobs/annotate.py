@@ -108,7 +108,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     ledger = ShardLedger(cfg.output, cfg.storage, run_id)
-    plan = ledger.prepare(cfg.output.mode, manifest_for(cfg, model_info), [s.name for s in shards])
+    plan = ledger.prepare(cfg.output.mode, manifest_for(cfg, model_info), shards)
     todo = [s for s in shards if s.name not in plan.done]
 
     if todo:
@@ -144,6 +144,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "shards": len(shards),
         "shards_skipped_as_done": len(plan.done),
         "orphan_markers": len(plan.orphan_markers),
+        "changed_folders": len(plan.changed_folders),
         "stray_files_removed": plan.removed_files,
         "listing": asdict(listing),
         "inputs": rows,

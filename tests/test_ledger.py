@@ -7,6 +7,7 @@ until it finishes; then they read the output back.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,8 +25,10 @@ from imagefactory import jpeg_bytes
 from shards import write_tar
 
 from jobs.annotate import main
+from workers import listing
 from workers.config import OutputSpec, StorageOptions
 from workers.ledger import LedgerError, OutputConflictError, ShardLedger, manifest_diff
+from workers.listing import ShardRef
 from workers.writer import REPORT_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -153,7 +156,7 @@ def _reports(rows: list[dict]) -> pa.Table:
 def test_marker_only_when_all_rows_arrived_and_retries_count_once(tmp_path):
     out = OutputSpec(url=str(tmp_path / "o"))
     ledger = ShardLedger(out, StorageOptions(), "r1")
-    ledger.prepare("resume", {"v": 1}, ["a", "b"])
+    ledger.prepare("resume", {"v": 1}, _refs("a", "b"))
     f1 = str(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
     f2 = str(tmp_path / "o" / "shard=a" / "part-r1-2.parquet")
     for f in (f1, f2):
@@ -182,13 +185,13 @@ def test_more_rows_than_the_shard_has_is_an_error(tmp_path):
 
 def test_manifest_mismatch_names_what_differs(tmp_path, s3_bucket, s3_storage):
     out = OutputSpec(url=f"s3://{s3_bucket}/o")
-    ShardLedger(out, s3_storage, "r1").prepare("resume", {"model": {"id": "m1"}, "code_version": "1"}, ["a"])
+    ShardLedger(out, s3_storage, "r1").prepare("resume", {"model": {"id": "m1"}, "code_version": "1"}, _refs("a"))
     with pytest.raises(OutputConflictError, match=r"model\.id: was 'm1', now 'm2'"):
-        ShardLedger(out, s3_storage, "r2").prepare("resume", {"model": {"id": "m2"}, "code_version": "1"}, ["a"])
+        ShardLedger(out, s3_storage, "r2").prepare("resume", {"model": {"id": "m2"}, "code_version": "1"}, _refs("a"))
     # A new code version alone is not a settings change.
-    ShardLedger(out, s3_storage, "r3").prepare("resume", {"model": {"id": "m1"}, "code_version": "2"}, ["a"])
+    ShardLedger(out, s3_storage, "r3").prepare("resume", {"model": {"id": "m1"}, "code_version": "2"}, _refs("a"))
     with pytest.raises(OutputConflictError, match="write mode 'error'"):
-        ShardLedger(out, s3_storage, "r4").prepare("error", {"model": {"id": "m1"}}, ["a"])
+        ShardLedger(out, s3_storage, "r4").prepare("error", {"model": {"id": "m1"}}, _refs("a"))
 
 
 def test_manifest_diff_nested():
@@ -204,6 +207,48 @@ def test_settings_added_later_compare_against_what_older_code_did():
     assert manifest_diff(old, {"decode": {"max_image_pixels": 10, "mode": "exact"}}) == []
     # A new setting without a known legacy value is not a difference.
     assert manifest_diff(old, {"decode": {"max_image_pixels": 10, "mode": "exact", "other": 1}}) == []
+
+
+def _refs(*names: str) -> list[ShardRef]:
+    return [ShardRef(uri=f"file:///in/{name}.tar", format="webdataset", name=name) for name in names]
+
+
+def test_image_folder_that_changed_is_redone_whole_and_exactly_once(
+    ray_cluster, tmp_path, tiny_models, photos, monkeypatch
+):
+    """Images added to a folder move others between chunks of the same names: resume must not skip or repeat any."""
+    import jobs.annotate
+
+    # Chunks of 3 images instead of 10,000, so a handful of files shows the effect.
+    monkeypatch.setattr(jobs.annotate, "list_shards", functools.partial(listing.list_shards, images_per_shard=3))
+    changing, steady = tmp_path / "in" / "changing", tmp_path / "in" / "steady"
+    for folder, names in ((changing, ["b", "d", "f", "h", "j"]), (steady, ["k", "l", "m", "n"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photos["coffee"][:64, :64]))
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_models["opt"]),
+            "--max-new-tokens", "2"]  # fmt: skip
+    assert main(args) == 0
+    assert len(output_ids(out)) == 9 and len(markers(out)) == 4  # 2 + 2 chunks
+
+    for name in ("a", "e"):  # sort before and between the annotated ones: every chunk of the folder shifts
+        (changing / f"{name}.jpg").write_bytes(jpeg_bytes(photos["rocket"][:64, :64]))
+    assert main(args) == 0
+    ids = output_ids(out)
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 11  # every image once, none skipped
+    assert {i.rsplit("/", 1)[1] for i in ids} == {f"{n}.jpg" for n in "abdefhjklmn"}
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards_skipped_as_done"] == 2  # the unchanged folder's two chunks were kept
+    assert summary["rows_this_run"] == 7 and summary["changed_folders"] == 1
+
+    (changing / "a.jpg").unlink()  # and removing images (3 chunks become 2) is handled the same way
+    (changing / "b.jpg").unlink()
+    assert main(args) == 0
+    ids = output_ids(out)
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 9
+    assert len(markers(out)) == 4  # no marker of a chunk that no longer exists is left behind
+    assert json.loads((out / "_summary.json").read_text())["orphan_markers"] == 0
 
 
 def _touch(path: Path) -> str:
@@ -222,7 +267,7 @@ def _complete_shard(ledger: ShardLedger, shard: str, files: list[str]) -> None:
 def test_unpartitioned_shard_names_that_prefix_each_other_stay_apart(tmp_path):
     out = OutputSpec(url=str(tmp_path / "o"), partition_by="none")
     ledger = ShardLedger(out, StorageOptions(), "r1")
-    ledger.prepare("resume", {"v": 1}, ["a", "a-1"])
+    ledger.prepare("resume", {"v": 1}, _refs("a", "a-1"))
     f_a1 = _touch(tmp_path / "o" / "part-a-1~r1-0001.parquet")
     _complete_shard(ledger, "a-1", [f_a1])
     f_a = _touch(tmp_path / "o" / "part-a~r1-0002.parquet")
@@ -230,14 +275,14 @@ def test_unpartitioned_shard_names_that_prefix_each_other_stay_apart(tmp_path):
     assert Path(f_a1).exists() and Path(f_a).exists()
     # A rerun where "a" lost its marker redoes "a" only.
     (tmp_path / "o" / "_markers" / "a.json").unlink()
-    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, ["a", "a-1"])
+    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, _refs("a", "a-1"))
     assert set(plan.done) == {"a-1"} and Path(f_a1).exists() and not Path(f_a).exists()
 
 
 def test_resume_reconciles_files_with_markers(tmp_path):
     out = OutputSpec(url=str(tmp_path / "o"))
     ledger = ShardLedger(out, StorageOptions(), "r1")
-    ledger.prepare("resume", {"v": 1}, ["a", "b", "c"])
+    ledger.prepare("resume", {"v": 1}, _refs("a", "b", "c"))
     fa = _touch(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
     fb = _touch(tmp_path / "o" / "shard=b" / "part-r1-2.parquet")
     fc = _touch(tmp_path / "o" / "shard=c" / "part-r1-3.parquet")
@@ -246,7 +291,7 @@ def test_resume_reconciles_files_with_markers(tmp_path):
     late = _touch(tmp_path / "o" / "shard=a" / "part-zombie-9.parquet")  # landed after a's marker
     Path(fb).unlink()  # b's marker survives its data (an interrupted delete)
     (tmp_path / "o" / "_markers" / "c.json").write_text("{not json")  # a torn marker
-    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, ["a", "b", "c"])
+    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, _refs("a", "b", "c"))
     assert set(plan.done) == {"a"}
     assert not Path(late).exists() and Path(fa).exists()
     assert not (tmp_path / "o" / "_markers" / "b.json").exists()
@@ -256,7 +301,7 @@ def test_resume_reconciles_files_with_markers(tmp_path):
 def test_a_late_report_for_a_complete_shard_is_ignored_or_removed(tmp_path):
     out = OutputSpec(url=str(tmp_path / "o"))
     ledger = ShardLedger(out, StorageOptions(), "r1")
-    ledger.prepare("resume", {"v": 1}, ["a"])
+    ledger.prepare("resume", {"v": 1}, _refs("a"))
     fa = _touch(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
     _complete_shard(ledger, "a", [fa])
     rep = {"shard": "a", "rows": 1, "ok": 1, "errors": "{}", "shard_rows": None, "source": None}

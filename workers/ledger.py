@@ -7,7 +7,8 @@ readers such as PyArrow datasets and DuckDB globs of ``*.parquet``):
   prompts, questions, generation, input columns, partitioning) and the code
   version.  A resumed run whose settings differ is refused.
 * ``_markers/<shard>.json`` — written by the driver only after every row of
-  that shard is durable in Parquet, listing the shard's files and counts.
+  that shard is durable in Parquet, listing the shard's files and counts and
+  what the shard held (:attr:`ShardRef.content_id`).
 
 Invariant: a shard with a marker has exactly its listed files; a shard
 without one may have stray files from a run that died, and those are deleted
@@ -17,6 +18,11 @@ the output holds exactly one row per input sample after any sequence of
 crashes and reruns, and a rerun recomputes only shards without markers: at
 most what was in flight when the job died.
 
+An image folder whose files changed since its chunks were completed (images
+added or removed move others between chunks of the same names) is redone as a
+whole: its markers and files are removed first, so no image is skipped or
+written twice.
+
 The driver's memory holds one entry per shard *in flight*, never per image.
 """
 
@@ -25,12 +31,15 @@ from __future__ import annotations
 import collections
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from workers.config import WRITE_MODES, OutputSpec, StorageOptions
+from workers.listing import IMAGES as IMAGES_FORMAT
+from workers.listing import ShardRef
 from workers.storage import filesystem_for, join, protocol_of
 from workers.writer import PARTITION_COLUMN, put_atomic, shard_of_file
 
@@ -87,6 +96,7 @@ class ResumePlan:
     done: dict[str, dict[str, Any]]  # shard name -> marker payload
     removed_files: int = 0
     orphan_markers: list[str] = field(default_factory=list)  # done shards no longer in the input listing
+    changed_folders: list[str] = field(default_factory=list)  # image folders redone because their files changed
 
 
 @dataclass
@@ -110,19 +120,21 @@ class ShardLedger:
         self.local = protocol_of(output.url) == "file"
         self.in_flight: dict[str, _InFlight] = collections.defaultdict(_InFlight)
         self.completed_this_run: dict[str, dict[str, Any]] = {}
+        self.content_ids: dict[str, str] = {}
 
     # ----------------------------------------------------------------- start of a run
 
     def _has_data(self) -> bool:
         return bool(self.fs.exists(self.root) and self.fs.ls(self.root))
 
-    def prepare(self, mode: str, manifest: dict[str, Any], shard_names: list[str]) -> ResumePlan:
+    def prepare(self, mode: str, manifest: dict[str, Any], shards: Sequence[ShardRef]) -> ResumePlan:
         """Apply the write mode, reconcile files with markers, and return what is already done.
 
         Raises OutputConflictError in ``error`` mode when the output holds data,
         and in ``resume`` mode when the stored manifest differs from ``manifest``
         or cannot be read.
         """
+        self.content_ids = {s.name: s.content_id for s in shards}
         if mode not in WRITE_MODES:
             raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}")
         self.fs.invalidate_cache()  # other processes (earlier drivers, workers) wrote here
@@ -152,11 +164,13 @@ class ShardLedger:
                 log.warning("resuming output written by code version %s with %s",
                             old.get("code_version"), manifest.get("code_version"))  # fmt: skip
         _write_json_atomic(self.fs, join(self.root, MANIFEST_NAME), manifest, self.local)
-        return self._reconcile(self._read_markers(), shard_names)
+        return self._reconcile(self._read_markers(), list(shards))
 
-    def _reconcile(self, markers: dict[str, dict[str, Any]], shard_names: list[str]) -> ResumePlan:
+    def _reconcile(self, markers: dict[str, dict[str, Any]], shards: list[ShardRef]) -> ResumePlan:
         """Make the files agree with the markers, from one listing of the output.
 
+        * an image folder whose files changed is redone: files, then markers, of
+          all its chunks are removed (see :meth:`_drop_changed_folders`);
         * a marker whose files are not all there is dropped (its shard is redone);
         * files of a marked shard that its marker does not list (a write that
           landed after the marker) are deleted;
@@ -167,12 +181,17 @@ class ShardLedger:
             shard = shard_of_file(self.output, self.root, path)
             if shard is not None:
                 files_by_shard[shard].add(path)
+        changed = self._drop_changed_folders(markers, shards, files_by_shard)
+        shard_names = [s.name for s in shards]
         listed = set(shard_names)
-        plan = ResumePlan(done={}, orphan_markers=sorted(set(markers) - listed))
+        plan = ResumePlan(done={}, orphan_markers=sorted(set(markers) - listed), changed_folders=changed)
         if plan.orphan_markers:
             log.warning("%d completed shards are not in the input listing any more (e.g. %s); their rows stay",
                         len(plan.orphan_markers), plan.orphan_markers[:3])  # fmt: skip
-        stray: list[str] = []
+        # Files of shards that are neither listed nor marked: left by a run that
+        # died while the input listed other shards.  No marker counts them.
+        stray: list[str] = sorted(p for name, paths in files_by_shard.items()
+                                  if name not in listed and name not in markers for p in paths)  # fmt: skip
         for name in shard_names:
             present = files_by_shard.get(name, set())
             marker = markers.get(name)
@@ -192,6 +211,44 @@ class ShardLedger:
             log.info("resume: %d of %d shards already complete, %d stray files removed",
                      len(plan.done), len(shard_names), len(stray))  # fmt: skip
         return plan
+
+    def _drop_changed_folders(
+        self,
+        markers: dict[str, dict[str, Any]],
+        shards: list[ShardRef],
+        files_by_shard: dict[str, set[str]],
+    ) -> list[str]:
+        """Redo image folders whose files changed since their chunks were completed; return their URIs.
+
+        A folder changed when one of its current chunks has a marker that
+        recorded other contents, or a marker of the folder names a chunk that
+        no longer exists.  Every chunk of it is then forgotten, files first and
+        markers last, so an interruption never leaves a marker without its files.
+        Shards of other formats (one per file) are never affected.
+        """
+        current = {s.name: s for s in shards}
+        folders = {s.uri for s in shards if s.format == IMAGES_FORMAT}
+        changed = set()
+        for name, marker in markers.items():
+            source = marker.get("source")
+            if source not in folders:
+                continue
+            shard = current.get(name)
+            recorded = marker.get("content_id")
+            if shard is None or shard.uri != source or (recorded is not None and recorded != shard.content_id):
+                changed.add(source)
+        if not changed:
+            return []
+        doomed = sorted(name for name, marker in markers.items() if marker.get("source") in changed)
+        log.warning("image folders changed since they were annotated, redoing them: %s (%d completed chunks dropped)",
+                    sorted(changed), len(doomed))  # fmt: skip
+        paths = sorted(p for name in doomed for p in files_by_shard.pop(name, ()))
+        if paths:
+            self.fs.rm(paths)
+        self.fs.rm([join(self.root, MARKERS_DIR, f"{name}.json") for name in doomed])
+        for name in doomed:
+            del markers[name]
+        return sorted(changed)
 
     def _read_manifest(self) -> dict[str, Any] | None:
         path = join(self.root, MANIFEST_NAME)
@@ -280,6 +337,7 @@ class ShardLedger:
         payload = {
             "shard": shard,
             "source": state.source,
+            "content_id": self.content_ids.get(shard),
             "rows": state.expected,
             "ok": sum(ok for _, ok, _ in state.files.values()),
             "errors": dict(sorted(errors.items())),

@@ -61,6 +61,19 @@ class ShardRef:
     files: tuple[str, ...] = ()  # ``images`` only: full URIs of the image files, sorted
     root: str = ""  # the input root URL the shard was found under
 
+    @property
+    def content_id(self) -> str:
+        """What the shard holds, for resume: its URI, and for an image-folder chunk a digest of its files.
+
+        Chunk names follow the folder's sorted listing, so images added to or
+        removed from a folder move other images between chunks of the same
+        name; the digest tells a completed chunk from a changed one.
+        """
+        if not self.files:
+            return self.uri
+        digest = hashlib.sha1("\n".join(self.files).encode()).hexdigest()[:16]
+        return f"{self.uri}#{len(self.files)}:{digest}"
+
 
 @dataclass(frozen=True)
 class ListingStats:
