@@ -26,6 +26,7 @@ from workers.replica import (
     normalize_pixels,
     normalize_with_table,
     resolve_dtype,
+    usable_gpu_bytes,
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -498,7 +499,25 @@ def test_replica_pixel_values_match_the_processor(tiny_models, images, reference
         assert np.array_equal(got, expected)
 
 
+def test_usable_gpu_memory_respects_a_shared_gpu():
+    gib = 1 << 30
+    # A whole GPU: the device's free memory plus the allocator's unused cache, 60% of it.
+    whole = usable_gpu_bytes(free=70 * gib, total=80 * gib, reserved=6 * gib, allocated=5 * gib)
+    assert whole == int(71 * gib * 0.6)
+    # Half of the same GPU, its other half still empty: only this replica's half, minus what it uses.
+    half = usable_gpu_bytes(free=70 * gib, total=80 * gib, reserved=6 * gib, allocated=5 * gib, share=0.5)
+    assert half == int(35 * gib * 0.6)
+    # The neighbour took more than its half: the device's free memory is the tighter bound.
+    assert usable_gpu_bytes(free=10 * gib, total=80 * gib, reserved=5 * gib, allocated=5 * gib, share=0.5) == int(
+        10 * gib * 0.6
+    )
+    # Already over its share: nothing to plan for (the OOM splitting takes over), never negative.
+    assert usable_gpu_bytes(free=30 * gib, total=80 * gib, reserved=45 * gib, allocated=45 * gib, share=0.5) == 0
+
+
 def test_fast_path_rejects_bad_settings():
+    with pytest.raises(ValueError, match="gpu_share"):
+        FastPath(gpu_share=0)
     with pytest.raises(ValueError, match="generation_batch"):
         FastPath(generation_batch=0)
     with pytest.raises(ValueError, match="attn_implementation"):

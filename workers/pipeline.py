@@ -129,7 +129,12 @@ def build_dataset(
             "generation": cfg.generation,
             "storage": cfg.storage,
             "cache_root": model_cache_root,
-            "fast": FastPath(generation_batch=cfg.model.generation_batch, compile=cfg.model.compile),
+            "fast": FastPath(
+                generation_batch=cfg.model.generation_batch,
+                compile=cfg.model.compile,
+                # Replicas sharing a GPU size their batches to their share of it.
+                gpu_share=min(1.0, gpus_per_replica) if gpus_per_replica > 0 else 1.0,
+            ),
         },
         batch_size=res.model_batch_size(gpus_per_replica),
         batch_format="pyarrow",

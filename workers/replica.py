@@ -111,6 +111,10 @@ class FastPath:
                           inputs (:func:`make_normalizer`).  Both are
                           bit-identical to :func:`normalize_pixels`; ``False``
                           runs :func:`normalize_pixels` itself on the CPU.
+    ``gpu_share``         the fraction of its GPU this replica may plan batches
+                          for: ``gpus_per_replica`` when replicas share a GPU,
+                          so two half-GPU replicas do not each size batches to
+                          the whole device's free memory.
     ``prefix_cache``      decoder-only language models (OPT): run the image
                           positions (``num_query_tokens`` of them) through the
                           language model once per image and start every prompt's
@@ -126,14 +130,31 @@ class FastPath:
     compile: bool = False
     device_normalize: bool = True
     prefix_cache: bool = True
+    gpu_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_share <= 1:
+            raise ValueError(f"gpu_share: must be in (0, 1], got {self.gpu_share}")
         for name in ("generation_batch", "vision_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1 or None, got {value}")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2", "flex_attention"):
             raise ValueError(f"attn_implementation: unsupported {self.attn_implementation!r}")
+
+
+def usable_gpu_bytes(free: int, total: int, reserved: int, allocated: int, share: float = 1.0) -> int:
+    """GPU memory a replica may plan its next batch for, from ``torch.cuda`` readings.
+
+    What the device has free, plus what PyTorch's caching allocator holds but
+    does not use; for a replica with ``share`` < 1 of the GPU, no more than its
+    share of the device minus what it already uses.  Then only
+    :data:`GPU_MEMORY_FRACTION` of that: the per-sequence estimates are rough.
+    """
+    available = free + reserved - allocated
+    if share < 1:
+        available = min(available, int(total * share) - allocated)
+    return max(0, int(available * GPU_MEMORY_FRACTION))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -395,10 +416,14 @@ class Blip2Replica:
 
     def _free_gpu_bytes(self) -> int:
         torch = self._torch
-        free, _total = torch.cuda.mem_get_info(self.device)
-        # Memory PyTorch's caching allocator holds but does not use is free for us too.
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return int(free * GPU_MEMORY_FRACTION)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return usable_gpu_bytes(
+            free,
+            total,
+            torch.cuda.memory_reserved(self.device),
+            torch.cuda.memory_allocated(self.device),
+            self.fast.gpu_share,
+        )
 
     def _bytes_per_sequence(self, input_len: int) -> int:
         """Rough GPU memory one generated sequence needs (KV cache, prefill activations, logits)."""
