@@ -90,6 +90,37 @@ class Result:
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_rounds(
+        cls,
+        m: dict[str, Any],
+        *,
+        case: str,
+        variant: str,
+        device: str,
+        target: str | None = None,
+        target_met: bool | None = None,
+        notes: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> Result:
+        """A result from :func:`alternate`'s measurements ``m``; its per-round numbers go into ``extra``."""
+        return cls(
+            case=case,
+            variant=variant,
+            device=device,
+            images=m["ours"]["images"],
+            baseline_images=m["baseline"]["images"],
+            ours_per_s=m["ours"]["per_s"],
+            baseline_per_s=m["baseline"]["per_s"],
+            ratio=m["ours"]["per_s"] / m["baseline"]["per_s"],
+            ours_peak_mb=m["ours"]["peak"],
+            baseline_peak_mb=m["baseline"]["peak"],
+            target=target,
+            target_met=target_met,
+            notes=notes,
+            extra={**(extra or {}), **timing_details(m)},
+        )
+
 
 # --------------------------------------------------------------------------- measuring
 
@@ -408,21 +439,14 @@ def bench_preprocess(images: int, rounds: int = 2, log: Callable[[str], None] = 
             m = alternate(ours(mode), baseline, rounds, "cpu", clock="thread")
             ratio = m["ours"]["per_s"] / m["baseline"]["per_s"]
             results.append(
-                Result(
+                Result.from_rounds(
+                    m,
                     case="preprocess",
                     variant=f"{mode} vs BlipImageProcessorPil, 1 core",
                     device="cpu",
-                    images=m["ours"]["images"],
-                    baseline_images=m["baseline"]["images"],
-                    ours_per_s=m["ours"]["per_s"],
-                    baseline_per_s=m["baseline"]["per_s"],
-                    ratio=ratio,
-                    ours_peak_mb=m["ours"]["peak"],
-                    baseline_peak_mb=m["baseline"]["peak"],
                     target=f">= {target:g}x" if target else None,
                     target_met=(ratio >= target) if target else None,
                     notes="per core: CPU time of one thread; 1-2 MP JPEGs -> (1, 3, 224, 224) float32",
-                    extra=timing_details(m),
                 )
             )
             log(_line(results[-1]))
@@ -618,7 +642,6 @@ def _bench_model(name, device, images, baseline_images, batch, work_dir, layers,
         if size == "small" and variant == "caption+3q" and device == "cpu" and flavor == "opt":
             target, met = ">= 4x", ratio >= 4.0
         extra: dict[str, Any] = {"batch": batch, "dtype": str(ours_dtype), "baseline_dtype": str(base_dtype)}
-        extra.update(timing_details(m))
         notes = f"{n_prompts} prompt(s) x {NEW_TOKENS} tokens, batch {batch}"
         if clock == "thread":
             notes += "; 1 thread, per CPU-second"
@@ -637,17 +660,11 @@ def _bench_model(name, device, images, baseline_images, batch, work_dir, layers,
             extra["same_text"] = f"{same}/{compared}"
             notes += f"; same text as baseline for {same}/{compared} images"
         results.append(
-            Result(
+            Result.from_rounds(
+                m,
                 case=name,
                 variant=variant,
                 device=device,
-                images=m["ours"]["images"],
-                baseline_images=m["baseline"]["images"],
-                ours_per_s=m["ours"]["per_s"],
-                baseline_per_s=m["baseline"]["per_s"],
-                ratio=ratio,
-                ours_peak_mb=m["ours"]["peak"],
-                baseline_peak_mb=m["baseline"]["peak"],
                 target=target,
                 target_met=met,
                 notes=notes,
@@ -715,18 +732,24 @@ def write_shards(root: Path, files: list[bytes], per_shard: int) -> list[Path]:
     return paths
 
 
+def _e2e_config(shard_dir: Path, output: str, decode_concurrency: int, decode_mode: str | None, *flags: str):
+    """The job config both end-to-end paths run: the job's defaults but the settings named."""
+    from jobs.settings import config_from_argv
+
+    return config_from_argv(
+        ["--input", str(shard_dir), "--output", output, "--decode-concurrency", str(decode_concurrency), *flags]
+        + (["--decode-mode", decode_mode] if decode_mode else [])
+    )
+
+
 def _decode_only(shard_dir: Path, decode_concurrency: int, decode_mode: str | None = None) -> int:
     """Read + decode the shards with the pipeline's own first stages and settings; rows seen."""
-    from jobs.settings import config_from_argv
     from workers import schema
     from workers.listing import list_shards
     from workers.pipeline import decoded_dataset
 
-    # The job's defaults, as _pipeline runs it; pixels at the tiny model's input size.
-    cfg = config_from_argv(
-        ["--input", str(shard_dir), "--output", "unused", "--decode-concurrency", str(decode_concurrency)]
-        + (["--decode-mode", decode_mode] if decode_mode else [])
-    )
+    # Pixels at the tiny model's input size, as the pipeline decodes them for it.
+    cfg = _e2e_config(shard_dir, "unused", decode_concurrency, decode_mode)
     decode_spec = dataclasses.replace(cfg.decode, height=32, width=32, resample=3)
     shards, _ = list_shards(cfg.input, cfg.storage)
 
@@ -750,23 +773,17 @@ def _pipeline(
 ) -> int:
     """The whole job through ``jobs.annotate.run`` (default settings but the ones named); rows written."""
     from jobs.annotate import run
-    from jobs.settings import config_from_argv
 
-    cfg = config_from_argv(
-        [
-            "--input",
-            str(shard_dir),
-            "--output",
-            str(out_dir),
-            "--model",
-            str(model_dir),
-            "--decode-concurrency",
-            str(decode_concurrency),
-            "--mode",
-            "overwrite",  # a reused --work-dir must not turn a round into a resume with nothing to do
-        ]
-        + (["--batch-size", str(batch_size)] if batch_size else [])
-        + (["--decode-mode", decode_mode] if decode_mode else [])
+    cfg = _e2e_config(
+        shard_dir,
+        str(out_dir),
+        decode_concurrency,
+        decode_mode,
+        "--model",
+        str(model_dir),
+        "--mode",
+        "overwrite",  # a reused --work-dir must not turn a round into a resume with nothing to do
+        *(["--batch-size", str(batch_size)] if batch_size else []),
     )
     summary = run(cfg)
     return int(summary.get("rows_this_run", summary.get("inputs", 0)))
@@ -842,19 +859,13 @@ def bench_e2e(
             ray.shutdown()
     overhead = m["baseline"]["per_s"] / m["ours"]["per_s"] - 1  # best rounds; wall time per image
     cpu_overhead = min(cpu["ours"]) / min(cpu["baseline"]) - 1 if cpu["ours"] and cpu["baseline"] else None
-    result = Result(
+    result = Result.from_rounds(
+        m,
         case="e2e",
         variant="pipeline (tiny model) vs pure decoding"
         + (f", batch {batch_size}" if batch_size else "")
         + (f", {decode_mode} decoding" if decode_mode else ""),
         device="cpu",
-        images=m["ours"]["images"],
-        baseline_images=m["baseline"]["images"],
-        ours_per_s=m["ours"]["per_s"],
-        baseline_per_s=m["baseline"]["per_s"],
-        ratio=m["ours"]["per_s"] / m["baseline"]["per_s"],
-        ours_peak_mb=m["ours"]["peak"],
-        baseline_peak_mb=m["baseline"]["peak"],
         target="overhead <= 25%",
         target_met=overhead <= 0.25,
         notes=(
@@ -868,7 +879,6 @@ def bench_e2e(
             "overhead": overhead,
             "cpu_overhead": cpu_overhead,
             "cpu_ms_per_image": {k: [round(1e3 * v, 2) for v in vs] for k, vs in cpu.items()},
-            **timing_details(m),
         },
     )
     log(_line(result))
