@@ -203,8 +203,7 @@ class ModelSpec:
     generation_batch: int | None = None
     # Static KV cache + torch.compile of the decoding step on CUDA (on CPU only
     # the static cache, which is slower).  Off by default: compiling costs
-    # minutes per batch shape, which pays off only on
-    # long jobs.
+    # minutes per batch shape, which pays off only on long jobs.
     compile: bool = False
 
     def __post_init__(self) -> None:
