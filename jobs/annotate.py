@@ -32,6 +32,7 @@ from workers.config import AnnotateConfig, ConfigError
 from workers.ledger import LedgerError, OutputConflictError, ShardLedger
 from workers.listing import list_shards
 from workers.model_store import ModelUnavailableError, check_model_reachable
+from workers.readers import KEY_COLUMN_CANDIDATES
 from workers.storage import filesystem_for, join
 
 log = logging.getLogger("blip2_annotate")
@@ -57,11 +58,15 @@ def write_summary(cfg: AnnotateConfig, summary: dict[str, Any]) -> str:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
+    """What this run did, then what the output holds: a resume that skipped everything says so."""
     errors = ", ".join(f"{k}={v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    redone = "".join(f", {n} redone ({reason})" for reason, n in summary["shards_redone"].items())
     return (
-        f"annotated {summary['inputs']} images from {summary['shards']} shards in {summary['wall_time_s']:.1f}s "
-        f"({summary['images_per_s']:.1f} images/s): {summary['ok']} ok, {summary['errors']} errors ({errors}); "
-        f"output {summary['output']}"
+        f"annotated {summary['rows_this_run']} images from {summary['shards_this_run']} shards in "
+        f"{summary['wall_time_s']:.1f}s ({summary['images_per_s']:.1f} images/s){redone}; "
+        f"skipped {summary['rows_skipped_as_done']} images in {summary['shards_skipped_as_done']} shards "
+        f"already done; output holds {summary['inputs']} images: {summary['ok']} ok, "
+        f"{summary['errors']} errors ({errors}); output {summary['output']}"
     )
 
 
@@ -79,7 +84,9 @@ def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, A
                   "dtype": cfg.model.dtype},
         "prompts": asdict(cfg.prompts),
         "generation": asdict(cfg.generation),
-        "input": {k: v for k, v in asdict(cfg.input).items() if k != "urls"},
+        "input": {**{k: v for k, v in asdict(cfg.input).items() if k != "urls"},
+                  # Which columns become keys when key_column is unset: part of every row's id.
+                  "key_column_auto": [] if cfg.input.key_column else list(KEY_COLUMN_CANDIDATES)},
         "decode": {"max_image_pixels": cfg.decode.max_image_pixels, "mode": cfg.decode.mode},
         "output": {"partition_by": cfg.output.partition_by},
         "code_version": code_version(),
@@ -126,6 +133,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id)
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.record(reports)
+        ledger.finish()
         if ledger.incomplete():
             raise LedgerError(f"shards without all their rows after the run: {ledger.incomplete()[:10]}")
     else:
@@ -142,7 +150,10 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "run_id": run_id,
         "output": cfg.output.url,
         "shards": len(shards),
+        "shards_this_run": len(ledger.completed_this_run),
         "shards_skipped_as_done": len(plan.done),
+        "rows_skipped_as_done": sum(m["rows"] for m in plan.done.values()),
+        "shards_redone": {reason: len(names) for reason, names in sorted(plan.redone.items())},
         "orphan_markers": len(plan.orphan_markers),
         "changed_folders": len(plan.changed_folders),
         "stray_files_removed": plan.removed_files,

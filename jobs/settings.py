@@ -197,7 +197,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--partition-by", choices=PARTITION_BY)
     g.add_argument("--mode", choices=WRITE_MODES, help="resume (default), overwrite, or error if output exists")
     g.add_argument("--overwrite", dest="mode", action="store_const", const="overwrite", help="same as --mode overwrite")
-    g.add_argument("--max-rows-per-file", type=int)
+    g.add_argument("--max-rows-per-file", type=int, help="rows per Parquet file at most (default 100000)")
+    g.add_argument(
+        "--retry-errors", action="store_true", help="resume also redoes shards with transient error rows"
+    )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub id, local directory, s3:// prefix, or tiny-random (offline smoke test)")
     g.add_argument("--revision", help="pin a hub revision (commit, tag or branch)")

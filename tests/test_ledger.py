@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from imagefactory import jpeg_bytes
 from shards import write_tar
@@ -157,22 +158,24 @@ def test_marker_only_when_all_rows_arrived_and_retries_count_once(tmp_path):
     out = OutputSpec(url=str(tmp_path / "o"))
     ledger = ShardLedger(out, StorageOptions(), "r1")
     ledger.prepare("resume", {"v": 1}, _refs("a", "b"))
-    f1 = str(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
-    f2 = str(tmp_path / "o" / "shard=a" / "part-r1-2.parquet")
-    for f in (f1, f2):
-        Path(f).parent.mkdir(parents=True, exist_ok=True)
-        Path(f).write_bytes(b"x")
+    f1 = _parquet(tmp_path / "o" / "shard=a" / "part-r1-1.parquet", ["a::1", "a::2"])
+    f2 = _parquet(tmp_path / "o" / "shard=a" / "part-r1-2.parquet", ["a::3", "a::4"])
     file_rep = {"shard": "a", "rows": 2, "ok": 1, "errors": '{"not_an_image": 1}', "shard_rows": None, "source": None}
     assert ledger.record(_reports([{**file_rep, "file": f1}])) == []
     assert ledger.record(_reports([{**file_rep, "file": f1}])) == []  # a retried task reports the same file
     end = {"shard": "a", "file": None, "rows": 0, "ok": 0, "errors": "{}", "shard_rows": 4, "source": "s://a"}
     assert ledger.record(_reports([end])) == []
-    assert ledger.record(_reports([{**file_rep, "file": f2}])) == ["a"]
+    assert not (tmp_path / "o" / "_markers").exists()
+    assert ledger.record(_reports([{**file_rep, "file": f2}])) + ledger.finish() == ["a"]
     marker = json.loads((tmp_path / "o" / "_markers" / "a.json").read_text())
     assert (marker["rows"], marker["ok"], marker["errors"]) == (4, 2, {"not_an_image": 2})
+    # The two files were compacted into one (max_rows_per_file allows it) before the marker named it.
+    (compacted,) = marker["files"]
+    assert pq.read_table(compacted).column("id").to_pylist() == ["a::1", "a::2", "a::3", "a::4"]
+    assert sorted(p.name for p in (tmp_path / "o" / "shard=a").iterdir()) == [Path(compacted).name]
     assert ledger.incomplete() == []
     # An empty shard completes from its end row alone.
-    assert ledger.record(_reports([{**end, "shard": "b", "shard_rows": 0}])) == ["b"]
+    assert ledger.record(_reports([{**end, "shard": "b", "shard_rows": 0}])) + ledger.finish() == ["b"]
 
 
 def test_more_rows_than_the_shard_has_is_an_error(tmp_path):
@@ -257,11 +260,17 @@ def _touch(path: Path) -> str:
     return str(path)
 
 
+def _parquet(path: Path, ids: list[str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "status": ["ok"] * len(ids)}), path)
+    return str(path)
+
+
 def _complete_shard(ledger: ShardLedger, shard: str, files: list[str]) -> None:
     rep = {"shard": shard, "rows": 1, "ok": 1, "errors": "{}", "shard_rows": None, "source": None}
     ledger.record(_reports([{**rep, "file": f} for f in files]))
     end = {"shard": shard, "file": None, "rows": 0, "ok": 0, "errors": "{}", "shard_rows": len(files), "source": "s"}
-    assert ledger.record(_reports([end])) == [shard]
+    assert ledger.record(_reports([end])) + ledger.finish() == [shard]
 
 
 def test_unpartitioned_shard_names_that_prefix_each_other_stay_apart(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,13 +236,67 @@ def test_hub_id_offline_fails_fast_with_the_fix(tmp_path):
     assert time.monotonic() - start < 10
     message = str(excinfo.value)
     assert "Salesforce/blip2-opt-2.7b" in message
-    assert "huggingface-cli download Salesforce/blip2-opt-2.7b" in message
+    assert "hf download Salesforce/blip2-opt-2.7b --local-dir DIR" in message
     assert "--model DIR" in message and "s3://" in message and "--model tiny-random" in message
 
     start = time.monotonic()
-    with pytest.raises(ModelUnavailableError, match="huggingface-cli download"):
+    with pytest.raises(ModelUnavailableError, match="hf download Salesforce/blip2-opt-2.7b"):
         resolve_model_dir(spec, StorageOptions(), None)
     assert time.monotonic() - start < 10
+
+
+def _named_commands(message: str) -> list[list[str]]:
+    """The shell commands a fix-it message names: each `backticked` span that starts with a program name."""
+    return [span.split() for span in re.findall(r"`([^`]+)`", message) if re.match(r"[A-Za-z][\w.-]*( |$)", span)]
+
+
+def _installed_executable(name: str) -> str:
+    """``name`` as installed next to this interpreter (the virtualenv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"the message names `{name}`, which is neither in {beside.parent} nor on PATH"
+    return found
+
+
+def _assert_command_exists(command: list[str]) -> None:
+    """``command`` (e.g. ``hf download REPO --local-dir DIR``) runs in the installed tools: its program and
+    subcommand answer ``--help`` with exit code 0, and every ``--flag`` it uses is in that help."""
+    exe = _installed_executable(command[0])
+    subcommand = [word for word in command[1:2] if not word.startswith("-")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1"}
+    outputs = []
+    for args in ([exe, "--help"], [exe, *subcommand, "--help"]):
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, (
+            f"`{' '.join(command)}` names a command that does not work: {args} exited {result.returncode}\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
+        outputs.append(result.stdout)
+    for flag in (word.split("=", 1)[0] for word in command[1:] if word.startswith("--")):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", outputs[-1]), (
+            f"`{' '.join(command)}` uses {flag}, which `{command[0]} {' '.join(subcommand)} --help` does not list"
+        )
+
+
+def test_fix_it_messages_name_commands_that_the_installed_tools_accept(tmp_path):
+    """The commands the offline / not-a-model-directory messages tell the user to run exist, with those flags,
+    in the installed huggingface_hub (1.x ships ``hf``; its old CLI name is only a stub that exits 1)."""
+    with pytest.raises(ModelUnavailableError) as offline:
+        check_model_reachable(ModelSpec(model="Salesforce/blip2-opt-2.7b", cache_dir=str(tmp_path)), StorageOptions())
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelUnavailableError, match="no config.json") as no_config:
+        check_model_reachable(ModelSpec(model=str(not_a_model)), StorageOptions())
+
+    for excinfo in (offline, no_config):
+        message = str(excinfo.value)
+        commands = [command for command in _named_commands(message) if "download" in command]
+        assert commands, f"the message names no download command: {message}"
+        for command in commands:
+            _assert_command_exists(command)
 
 
 def test_hub_id_found_in_the_local_cache_offline_pins_the_commit(tiny_models, tmp_path):

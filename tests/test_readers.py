@@ -364,6 +364,47 @@ def test_parquet_auto_column_row_index_keys_and_passthrough(tmp_path: Path, jpeg
     assert [t.num_rows for t in tables] == [2, 2, 1]
 
 
+def _img2dataset_parquet(path: Path, jpegs) -> Path:
+    """A shard in img2dataset's Parquet layout: key, url, caption, jpg, status, error_message, width, height, ..."""
+    table = pa.table(
+        {
+            "key": ["000010000", "000010001", "000010002"],
+            "url": ["https://x/r.jpg", "https://x/gone.jpg", "https://x/c.jpg"],
+            "caption": ["a rocket", "a missing photo", "a cup of coffee"],
+            "jpg": pa.array([jpegs["rocket"], None, jpegs["coffee"]], pa.binary()),
+            "status": ["success", "failed_to_download", "success"],
+            "error_message": [None, "HTTP 404", None],
+            "width": [512, None, 400],
+            "height": [512, None, 400],
+            "original_width": [1024, None, 800],
+            "original_height": [1024, None, 800],
+            "exif": ["{}", None, "{}"],
+            "sha256": ["aa", None, "cc"],
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_img2dataset_parquet_keys_come_from_its_key_column(tmp_path: Path, jpegs):
+    path = _img2dataset_parquet(tmp_path / "00001.parquet", jpegs)
+    rows = read_rows(shard_for(path, "parquet"), spec_for(path, passthrough_columns=("url", "caption")))
+    assert kinds(rows) == [("000010000", None), ("000010001", "missing_image"), ("000010002", None)]
+    assert [r["id"] for r in rows] == [f"{path}::000010000", f"{path}::000010001", f"{path}::000010002"]
+    assert [r["url"] for r in rows] == ["https://x/r.jpg", "https://x/gone.jpg", "https://x/c.jpg"]
+    assert [r["input_caption"] for r in rows] == ["a rocket", "a missing photo", "a cup of coffee"]
+
+
+def test_explicit_key_column_wins_over_the_auto_detected_key(tmp_path: Path, jpegs):
+    path = _img2dataset_parquet(tmp_path / "00001.parquet", jpegs)
+    rows = read_rows(shard_for(path, "parquet"), spec_for(path, key_column="url"))
+    assert [r["key"] for r in rows] == ["https://x/r.jpg", "https://x/gone.jpg", "https://x/c.jpg"]
+    # A "key" column that holds neither text nor integers is not a key: row index, as before.
+    pq.write_table(pa.table({"key": [[1], [2]], "jpg": pa.array([jpegs["rocket"]] * 2, pa.binary())}), path)
+    rows = read_rows(shard_for(path, "parquet"), spec_for(path))
+    assert [r["key"] for r in rows] == ["000000000", "000000001"]
+
+
 def test_parquet_hf_image_struct_key_column_and_questions(tmp_path: Path, jpegs):
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table(

@@ -16,8 +16,6 @@ from workers.config import GenerationSpec, ModelSpec, PromptSpec
 from workers.decode import pixels_from_table
 from workers.model_store import ModelLoadError, ModelUnavailableError
 from workers.replica import (
-    GENERATION_FAILED,
-    OUT_OF_MEMORY,
     Blip2Replica,
     FastPath,
     is_out_of_memory,
@@ -260,7 +258,7 @@ def test_generation_failure_marks_only_that_image(tiny_models, images):
     replica.model.language_model.generate = flaky_generate
     rows = replica(table).to_pylist()
     assert rows[1][schema.STATUS] == schema.STATUS_ERROR
-    assert rows[1][schema.ERROR_KIND] == GENERATION_FAILED
+    assert rows[1][schema.ERROR_KIND] == schema.GENERATION_FAILED
     assert "inf or nan" in rows[1][schema.ERROR]
     assert rows[1][schema.CAPTION] is None and rows[1][schema.ANSWERS] is None
     assert [rows[0], rows[2]] == [expected[0], expected[2]]
@@ -274,7 +272,7 @@ def test_generation_failure_marks_only_that_image(tiny_models, images):
     rows = replica(table).to_pylist()
     assert [r[schema.ID] for r in rows] == table.column(schema.ID).to_pylist()
     assert {r[schema.STATUS] for r in rows} == {schema.STATUS_ERROR}
-    assert {r[schema.ERROR_KIND] for r in rows} == {OUT_OF_MEMORY}
+    assert {r[schema.ERROR_KIND] for r in rows} == {schema.OUT_OF_MEMORY}
     assert all("out of memory" in r[schema.ERROR] for r in rows)
 
 
@@ -443,7 +441,7 @@ def test_image_too_big_alone_is_the_only_error_row(tiny_models, images):
     replica.model.language_model.generate = generate
     rows = replica(table).to_pylist()
     assert len(rows) == len(names)
-    assert rows[3][schema.STATUS] == schema.STATUS_ERROR and rows[3][schema.ERROR_KIND] == OUT_OF_MEMORY
+    assert rows[3][schema.STATUS] == schema.STATUS_ERROR and rows[3][schema.ERROR_KIND] == schema.OUT_OF_MEMORY
     assert rows[3][schema.CAPTION] is None and rows[3][schema.ANSWERS] is None
     assert [rows[i] for i in (0, 1, 2, 4)] == [expected[i] for i in (0, 1, 2, 4)]
 

@@ -17,8 +17,36 @@ from imagefactory import jpeg_bytes
 from shards import tar_bytes
 
 from jobs.annotate import main
-from workers.config import StorageOptions
-from workers.storage import filesystem_for, join, protocol_of
+from workers.config import ConfigError, InputSpec, OutputSpec, StorageOptions
+from workers.storage import (
+    UnsafeURLError,
+    filesystem_for,
+    is_local,
+    join,
+    protocol_of,
+    refuse_command_url,
+    relative_path,
+)
+
+
+@pytest.mark.parametrize("url", ["pipe:curl -s http://x/a.tar", " PIPE:cat a.tar", "exec:rm -rf /", "shell:ls"])
+def test_command_running_urls_are_refused_everywhere_by_one_check(url):
+    with pytest.raises(UnsafeURLError, match="input: .* uses a command-running scheme"):
+        refuse_command_url(url, "input")
+    with pytest.raises(ConfigError, match="^input: .*command-running"):
+        InputSpec(urls=(url,))
+    with pytest.raises(ConfigError, match="^output: .*command-running"):
+        OutputSpec(url=url)
+    refuse_command_url("s3://bucket/pipe:odd-but-plain.tar", "input")  # only the scheme counts
+
+
+def test_local_and_relative_paths():
+    assert is_local("/data/x") and is_local("file:///data/x") and is_local("rel/x")
+    assert not is_local("s3://b/k") and not is_local("gs://b/k")
+    assert relative_path("s3://b/in/a/x.jpg", "s3://b/in") == "a/x.jpg"
+    assert relative_path("s3://b/in/a/x.jpg", "s3://b/in/") == "a/x.jpg"
+    assert relative_path("/other/x.jpg", "/data") == "x.jpg"  # named explicitly, outside the root
+    assert relative_path("/data-2/x.jpg", "/data") == "x.jpg"  # a sibling that shares the prefix is outside
 
 
 def test_protocols_and_join():

@@ -136,3 +136,38 @@ def test_conform_fills_missing_columns_and_orders():
 def test_count_statuses(kinds):
     t = pa.table({"status": ["ok", "error", "error", "error"], "error_kind": kinds})
     assert count_statuses(t) == {"rows": 4, "ok": 1, "errors": {"a": 2, "b": 1}}
+
+
+@pytest.mark.parametrize("partition_by", ["shard", "none"])
+@pytest.mark.parametrize("on_s3", [False, True], ids=["local", "s3"])
+def test_compact_shard_rewrites_small_files_into_as_few_as_the_limit_allows(
+    tmp_path, s3_bucket, s3_storage, on_s3, partition_by
+):
+    from workers.storage import filesystem_for
+    from workers.writer import compact_shard, shard_of_file
+
+    url = f"s3://{s3_bucket}/o" if on_s3 else str(tmp_path / "o")
+    storage = s3_storage if on_s3 else StorageOptions()
+    output = OutputSpec(url=url, partition_by=partition_by, max_rows_per_file=25)
+    rows = [r for r in _rows(2, 60) if r["status"] != "shard_end"]
+    reports = write_rows(_table(rows).slice(0, 7), output, storage, ("url",), "r1")
+    for start in range(7, len(rows), 13):  # small, uneven write batches, as Ray Data hands them over
+        more = write_rows(_table(rows).slice(start, 13), output, storage, ("url",), "r1")
+        reports = pa.concat_tables([reports, more])
+    fs, root = filesystem_for(url, storage)
+    mine = {r["file"]: r["rows"] for r in reports.to_pylist() if r["shard"] == "000.tar"}
+    assert len(mine) > 3 and sum(mine.values()) == 60
+
+    files = compact_shard(fs, output, root, "000.tar", mine, "r2")
+    counts = sorted(pads.dataset(f, filesystem=fs).count_rows() for f in (p.split("://")[-1] for p in files))
+    assert counts == [10, 25, 25]  # ceil(60 / 25) files, none above the limit
+    assert {shard_of_file(output, root, f) for f in files} == {"000.tar"}
+    got = pa.concat_tables([pads.dataset(f, filesystem=fs).to_table() for f in files])
+    want = _table(rows).filter(pa.compute.equal(_table(rows).column("shard"), "000.tar"))
+    assert sorted(got.column("id").to_pylist()) == sorted(want.column("id").to_pylist())
+    assert got.column("caption").to_pylist().count(None) == 12  # error rows survive the rewrite
+    # The small files are still there: the ledger deletes them only after the marker's files are durable.
+    assert all(fs.exists(f) for f in mine)
+    # Already as few files as the limit allows: nothing is rewritten.
+    minimal = dict(zip(files, [25, 25, 10], strict=True))  # in the order compact_shard wrote them
+    assert compact_shard(fs, output, root, "000.tar", minimal, "r3") == sorted(files)

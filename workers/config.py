@@ -15,14 +15,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.storage import refuse_command_url
+
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 PARTITION_BY = ("shard", "none")
 WRITE_MODES = ("resume", "overwrite", "error")
-# "fast": JPEG DCT-scaled decoding (Pillow's draft), within ~40-55 dB PSNR of
-# BlipImageProcessor and 3-4x cheaper per image; "exact": bit-identical to it.
+# "fast": JPEG DCT-scaled decoding (Pillow's draft), close to BlipImageProcessor's
+# pixels and much cheaper (measured in BENCHMARKS.md); "exact": bit-identical to it.
 DECODE_MODES = ("fast", "exact")
 # Images per model call when batch_size is not set.  On CPU, the cost per
 # generated sequence falls until ~128 sequences per generate call, the
@@ -33,9 +35,6 @@ CPU_BATCH_SIZE = 128
 GPU_BATCH_SIZE = 256
 # GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-# Shard URL schemes that run commands (WebDataset's "pipe:") or are otherwise
-# not plain storage are refused before anything is read.
-FORBIDDEN_SCHEMES = ("pipe:", "exec:", "shell:")
 
 
 class ConfigError(ValueError):
@@ -44,6 +43,14 @@ class ConfigError(ValueError):
 
 def _fail(name: str, message: str) -> None:
     raise ConfigError(f"{name}: {message}")
+
+
+def _refuse_command_url(url: str, name: str) -> None:
+    """storage.refuse_command_url's verdict, as a ConfigError naming the setting."""
+    try:
+        refuse_command_url(url, name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,7 @@ class InputSpec:
         for url in self.urls:
             if not isinstance(url, str) or not url.strip():
                 _fail("input", f"empty input URL in {list(self.urls)!r}")
-            if url.strip().lower().startswith(FORBIDDEN_SCHEMES):
-                _fail("input", f"{url!r} uses a command-running scheme, which is refused")
+            _refuse_command_url(url, "input")
         if self.format not in INPUT_FORMATS:
             _fail("input_format", f"must be one of {INPUT_FORMATS}, got {self.format!r}")
         if self.max_member_bytes < 1:
@@ -262,15 +268,19 @@ class OutputSpec:
     # default for long jobs on preemptible machines); overwrite: delete first;
     # error: refuse an output that already holds data.
     mode: str = "resume"
-    # ~100k rows of captions is a few MB of Parquet: large enough for efficient
-    # scans, small enough that a lost write task costs little.
+    # Rows per Parquet file at most: a completed shard's rows are compacted
+    # into as few files as this allows.  At the bytes per row measured in
+    # BENCHMARKS.md, 100k rows is a few MB: one file for a shard of any usual
+    # size, and small enough to hold in the driver while compacting.
     max_rows_per_file: int = 100_000
+    # Resume also redoes completed shards holding error rows of a transient
+    # kind (schema.TRANSIENT_ERROR_KINDS: read errors, out of memory, ...).
+    retry_errors: bool = False
 
     def __post_init__(self) -> None:
         if not self.url or not self.url.strip():
             _fail("output", "an output URL is required")
-        if self.url.strip().lower().startswith(FORBIDDEN_SCHEMES):
-            _fail("output", f"{self.url!r} uses a command-running scheme, which is refused")
+        _refuse_command_url(self.url, "output")
         if self.mode not in WRITE_MODES:
             _fail("mode", f"must be one of {WRITE_MODES}, got {self.mode!r}")
         if self.partition_by not in PARTITION_BY:

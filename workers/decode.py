@@ -16,8 +16,8 @@ scaling by 1/2, 1/4 or 1/8) to the smallest size that is still at least the
 target size, and the bicubic resize then reads exactly the area of the full
 image (a fractional ``box``: the scaled decode rounds the edge pixels up), so
 the picture is not shifted.  Other formats resize with ``reducing_gap=3``
-(an integer box reduction first, then bicubic).  On 1-2 MP photos this is
-4-6x faster and within ~40-55 dB PSNR of the exact output (tested >= 35 dB).
+(an integer box reduction first, then bicubic).  The tests hold it within
+35 dB PSNR of the exact output; its speed-up is measured in ``BENCHMARKS.md``.
 
 :func:`decode_batch` applies that to a reader batch (``pyarrow.Table``) for
 ``Dataset.map_batches(batch_format="pyarrow")``.  A bad image never raises and
@@ -53,7 +53,14 @@ from workers.config import DecodeSpec
 FAST_REDUCING_GAP = 3.0
 
 # Every DecodeError.kind this module emits.
-ERROR_KINDS = ("empty_file", "missing_image", "not_an_image", "decompression_bomb", "truncated_image", "decode_failed")
+ERROR_KINDS = (
+    schema.EMPTY_FILE,
+    schema.MISSING_IMAGE,
+    schema.NOT_AN_IMAGE,
+    schema.DECOMPRESSION_BOMB,
+    schema.TRUNCATED_IMAGE,
+    schema.DECODE_FAILED,
+)
 
 # Formats Image.open may try.  Restricting the list keeps rarely-fuzzed parsers
 # (and EPS, whose loader runs Ghostscript) away from untrusted bytes.  JPEG also
@@ -117,10 +124,10 @@ def _decoder_failure(exc: BaseException, data: bytes) -> DecodeError:
     else ``decode_failed``; the message names the exception."""
     message = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, EOFError) or "truncated" in message.lower():
-        return DecodeError("truncated_image", message)
+        return DecodeError(schema.TRUNCATED_IMAGE, message)
     if _file_is_cut_short(data):
-        return DecodeError("truncated_image", f"{message} (the file ends early, after {len(data)} bytes)")
-    return DecodeError("decode_failed", message)
+        return DecodeError(schema.TRUNCATED_IMAGE, f"{message} (the file ends early, after {len(data)} bytes)")
+    return DecodeError(schema.DECODE_FAILED, message)
 
 
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
@@ -195,12 +202,12 @@ def _open_checked(data: bytes, spec: DecodeSpec) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(BytesIO(data), formats=_open_formats())
     except Image.DecompressionBombError as exc:
-        raise DecodeError("decompression_bomb", str(exc)) from exc
+        raise DecodeError(schema.DECOMPRESSION_BOMB, str(exc)) from exc
     except UnidentifiedImageError as exc:
         if _file_is_cut_short(data):  # a known format's header, cut off before Pillow could identify it
-            raise DecodeError("truncated_image", f"file ends after {len(data)} bytes, inside the header") from exc
+            raise DecodeError(schema.TRUNCATED_IMAGE, f"file ends after {len(data)} bytes, inside the header") from exc
         raise DecodeError(
-            "not_an_image", f"not a recognised image ({len(data)} bytes; accepted: {', '.join(_open_formats())})"
+            schema.NOT_AN_IMAGE, f"not a recognised image ({len(data)} bytes; accepted: {', '.join(_open_formats())})"
         ) from exc
     except _OPEN_ERRORS as exc:
         raise _decoder_failure(exc, data) from exc
@@ -208,7 +215,7 @@ def _open_checked(data: bytes, spec: DecodeSpec) -> Image.Image:
     if width * height > spec.max_image_pixels:
         im.close()
         raise DecodeError(
-            "decompression_bomb",
+            schema.DECOMPRESSION_BOMB,
             f"image is {width}x{height} = {width * height} pixels, above the limit of {spec.max_image_pixels}",
         )
     return im
@@ -254,7 +261,7 @@ def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, int, int]:
     ``"fast"`` (JPEG DCT-scaled decoding, see the module docstring).
     """
     if not data:
-        raise DecodeError("empty_file", "the file is empty (0 bytes)")
+        raise DecodeError(schema.EMPTY_FILE, "the file is empty (0 bytes)")
     im = _open_checked(data, spec)
     with im:
         box = None
@@ -276,7 +283,7 @@ def decode_image(data: bytes, spec: DecodeSpec) -> tuple[np.ndarray, int, int]:
             ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             rgb = _convert_to_rgb(im)
         except Image.DecompressionBombError as exc:
-            raise DecodeError("decompression_bomb", str(exc)) from exc
+            raise DecodeError(schema.DECOMPRESSION_BOMB, str(exc)) from exc
         except _DECODER_ERRORS as exc:
             raise _decoder_failure(exc, data) from exc
         width, height = rgb.size
@@ -327,7 +334,7 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         images[i] = None  # release the bytes as we go
         try:
             if data is None:
-                raise DecodeError("missing_image", "the row has no image bytes")
+                raise DecodeError(schema.MISSING_IMAGE, "the row has no image bytes")
             pixels[i], widths[i], heights[i] = decode_image(data, spec)
         except DecodeError as exc:
             statuses[i] = schema.STATUS_ERROR

@@ -22,6 +22,7 @@ stay stable across reruns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import posixpath
 import re
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from workers.config import FORBIDDEN_SCHEMES, IMAGE_EXTENSIONS, InputSpec, StorageOptions
-from workers.storage import filesystem_for, unstrip
+from workers.config import IMAGE_EXTENSIONS, InputSpec, StorageOptions
+from workers.storage import filesystem_for, refuse_command_url, relative_path, unstrip
 
 WEBDATASET = "webdataset"
 PARQUET = "parquet"
@@ -60,6 +61,10 @@ class ShardRef:
     name: str  # unique within the job, only [A-Za-z0-9._-]
     files: tuple[str, ...] = ()  # ``images`` only: full URIs of the image files, sorted
     root: str = ""  # the input root URL the shard was found under
+    # Size and ETag (object stores) or mtime (local disk) of the shard's file,
+    # or a digest of its image files', as the listing saw them: a resume redoes
+    # a completed shard whose input changed since (see workers/ledger.py).
+    fingerprint: str = ""
 
     @property
     def content_id(self) -> str:
@@ -110,14 +115,14 @@ def list_shards(
     """
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
-    files: dict[str, tuple[str, str]] = {}  # file uri -> (format, root uri)
+    files: dict[str, tuple[str, str, str]] = {}  # file uri -> (format, root uri, fingerprint)
     ignored = hidden = duplicates = 0
     examples: list[str] = []
     for url in spec.urls:
         found = _expand(url, storage)
         usable = 0
         url_ignored = 0
-        for uri, root, is_hidden in found.files:
+        for uri, root, is_hidden, fingerprint in found.files:
             if is_hidden:
                 hidden += 1
                 continue
@@ -131,7 +136,7 @@ def list_shards(
             if uri in files:
                 duplicates += 1
                 continue
-            files[uri] = (fmt, root)
+            files[uri] = (fmt, root, fingerprint)
         ignored += url_ignored
         if not usable:
             wanted = "input" if spec.format == "auto" else f"{spec.format} input"
@@ -142,12 +147,12 @@ def list_shards(
 
     shards: list[ShardRef] = []
     image_groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # (root, rel dir) -> file uris
-    for uri, (fmt, root) in files.items():
-        rel = _relative(uri, root)
+    for uri, (fmt, root, fingerprint) in files.items():
+        rel = relative_path(uri, root)
         if fmt == IMAGES:
             image_groups[(root, posixpath.dirname(rel))].append(uri)
         else:
-            shards.append(ShardRef(uri=uri, format=fmt, name=_sanitize(rel), root=root))
+            shards.append(ShardRef(uri=uri, format=fmt, name=_sanitize(rel), root=root, fingerprint=fingerprint))
     image_files = 0
     for (root, rel_dir), group in image_groups.items():
         group.sort()
@@ -157,7 +162,10 @@ def list_shards(
         chunks = [tuple(group[i : i + images_per_shard]) for i in range(0, len(group), images_per_shard)]
         for index, chunk in enumerate(chunks):
             name = base if len(chunks) == 1 else f"{base}-{index:05d}"
-            shards.append(ShardRef(uri=dir_uri, format=IMAGES, name=name, files=chunk, root=root))
+            fingerprint = _digest("\n".join(files[u][2] for u in chunk))
+            shards.append(
+                ShardRef(uri=dir_uri, format=IMAGES, name=name, files=chunk, root=root, fingerprint=fingerprint)
+            )
 
     shards = _unique_names(sorted(shards, key=lambda s: (s.uri, s.name, s.files[:1])))
     stats = ListingStats(
@@ -176,19 +184,21 @@ def list_shards(
 
 @dataclass
 class _Found:
-    files: list[tuple[str, str, bool]]  # (file uri, root uri, hidden)
+    files: list[tuple[str, str, bool, str]]  # (file uri, root uri, hidden, fingerprint)
     hidden: int
 
 
 def _expand(url: str, storage: StorageOptions) -> _Found:
-    """All files ``url`` names, with the root their shard names are relative to."""
-    if url.strip().lower().startswith(FORBIDDEN_SCHEMES):
-        raise ValueError(f"input {url!r} uses a command-running scheme, which is refused")
+    """All files ``url`` names, with the root their shard names are relative to.
+
+    The listing's own metadata gives each file's fingerprint: no request per file.
+    """
+    refuse_command_url(url, "input")
     fs, path = filesystem_for(url, storage)
     # A long-lived driver may have listed this prefix before; list it afresh.
     fs.invalidate_cache()
     path = path.rstrip("/") or "/"
-    out: list[tuple[str, str, bool]] = []
+    out: list[tuple[str, str, bool, str]] = []
     if any(c in path for c in _GLOB_CHARS):
         root = _glob_root(path)
         matches = fs.glob(path, detail=True)
@@ -198,11 +208,11 @@ def _expand(url: str, storage: StorageOptions) -> _Found:
         for d in dirs:
             if not any(d == o or d.startswith(o.rstrip("/") + "/") for o in outer):
                 outer.append(d)
-        paths = {p for p, info in matches.items() if info.get("type") != "directory"}
+        infos = {p: info for p, info in matches.items() if info.get("type") != "directory"}
         for d in outer:
-            paths.update(fs.find(d, withdirs=False))
-        for p in sorted(paths):
-            out.append((p, root, _is_hidden(p, root)))
+            infos.update(fs.find(d, withdirs=False, detail=True))
+        for p in sorted(infos):
+            out.append((p, root, _is_hidden(p, root), _fingerprint(infos[p])))
     else:
         try:
             info = fs.info(path)
@@ -210,15 +220,26 @@ def _expand(url: str, storage: StorageOptions) -> _Found:
             raise FileNotFoundError(f"input {url!r}: no such file or directory") from None
         if info.get("type") == "directory":
             root = path
-            for p in sorted(fs.find(path, withdirs=False)):
-                out.append((p, root, _is_hidden(p, root)))
+            found = fs.find(path, withdirs=False, detail=True)
+            for p in sorted(found):
+                out.append((p, root, _is_hidden(p, root), _fingerprint(found[p])))
         else:
             # Named explicitly: read it even if its name starts with a dot.
-            out.append((path, posixpath.dirname(path), False))
+            out.append((path, posixpath.dirname(path), False, _fingerprint(info)))
     if not out:
         raise FileNotFoundError(f"input {url!r}: matches no files")
-    hidden = sum(h for _, _, h in out)
-    return _Found([(_uri(fs, p), _uri(fs, r), h) for p, r, h in out], hidden)
+    hidden = sum(h for _, _, h, _ in out)
+    return _Found([(_uri(fs, p), _uri(fs, r), h, f) for p, r, h, f in out], hidden)
+
+
+def _fingerprint(info: dict) -> str:
+    """``size:version`` of one listed file: the ETag where the store gives one, else the mtime."""
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(version).strip(chr(34))}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -238,20 +259,13 @@ def _glob_root(path: str) -> str:
 
 
 def _is_hidden(path: str, root: str) -> bool:
-    rel = _relative(path, root)
+    rel = relative_path(path, root)
     parts = rel.split("/")
     if any(part.startswith(".") for part in parts):
         return True
     base = parts[-1]
     # _SUCCESS, _metadata, _common_metadata, _committed_*: job markers, not data.
     return base.startswith("_") and format_of(base) is None
-
-
-def _relative(path: str, root: str) -> str:
-    prefix = root.rstrip("/") + "/"
-    if path.startswith(prefix):
-        return path[len(prefix) :]
-    return posixpath.basename(path)
 
 
 def _join(root: str, rel: str) -> str:
@@ -279,7 +293,7 @@ def _unique_names(shards: list[ShardRef]) -> list[ShardRef]:
         if by_name[s.name] > 1:
             ident = f"{s.uri}\0{s.files[:1]}"
             digest = hashlib.sha1(ident.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-            s = ShardRef(uri=s.uri, format=s.format, name=f"{s.name}-{digest}", files=s.files, root=s.root)
+            s = dataclasses.replace(s, name=f"{s.name}-{digest}")
         out.append(s)
     names = [s.name for s in out]
     if len(set(names)) != len(names):  # only on a SHA-1 prefix collision

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from workers.config import TINY_MODEL_NAMES, ModelSpec, StorageOptions
-from workers.storage import filesystem_for, protocol_of
+from workers.storage import filesystem_for, is_local, protocol_of
 
 # Files a BLIP-2 checkpoint needs: configs, safetensors weights, tokenizer files.
 ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
@@ -71,7 +71,7 @@ def model_kind(model: str) -> str:
     if model in TINY_MODEL_NAMES:
         return "tiny"
     if "://" in model:
-        return "local" if protocol_of(model) == "file" else "remote"
+        return "local" if is_local(model) else "remote"
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         return "local"
@@ -103,7 +103,7 @@ def _local_path(model: str) -> Path:
 def _hub_fix(repo_id: str) -> str:
     return (
         f"{repo_id!r} is not a local directory either; download it on a machine with network "
-        f"(`huggingface-cli download {repo_id} --local-dir DIR`; the safetensors, config and tokenizer "
+        f"(`hf download {repo_id} --local-dir DIR`; the safetensors, config and tokenizer "
         "files are enough), then pass --model DIR, or copy DIR to object storage and pass "
         "--model s3://bucket/prefix; or run an offline smoke test with --model tiny-random"
     )
@@ -129,7 +129,8 @@ def _check_files(where: str, names: list[str]) -> None:
     if "config.json" not in names:
         raise ModelUnavailableError(
             f"{where} is not a Hugging Face model directory: it has no config.json "
-            f"(found {sorted(names)[:10]}); pass a directory written by save_pretrained or `huggingface-cli download`"
+            f"(found {sorted(names)[:10]}); pass a directory written by save_pretrained or "
+            "`hf download REPO --local-dir DIR`"
         )
     if not any(n.endswith(".safetensors") for n in names):
         pickles = sorted(n for n in names if _matches(n, PICKLE_PATTERNS))

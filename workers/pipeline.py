@@ -5,9 +5,10 @@ Why this shape:
 * One input block per shard, so read tasks parallelise over shards and a bad
   shard affects only its own task (it turns into an error row, never an
   exception that would fail the job).
-* Decoding is its own stage of CPU *tasks*, so Ray Data scales it apart from the
-  model stage and its streaming backpressure stops decoded pixels from piling up
-  in the object store when the GPUs are the bottleneck.
+* Reading and decoding are one function run as CPU *tasks* (one shard each),
+  so Ray Data scales them apart from the model stage and its streaming
+  backpressure stops decoded pixels from piling up in the object store when
+  the GPUs are the bottleneck.
 * The model stage is an actor pool of callable-class replicas: weights load once
   per actor, and ``ActorPoolStrategy(min, max)`` lets the pool grow with the cluster.
 * Error rows flow through every stage (each stage passes through rows it
@@ -18,7 +19,8 @@ Why this shape:
   once that many rows are durable (``workers/ledger.py``).
 * Writing is a map stage whose output is a small report per file, consumed by
   the driver as a stream, so markers are written while the job runs and a
-  crash loses at most the shards in flight.
+  crash loses at most the shards in flight.  The driver compacts a completed
+  shard's files to ``max_rows_per_file`` before writing its marker.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from workers.readers import read_shard
 from workers.replica import Blip2Replica, FastPath
 from workers.writer import write_rows
 
-# Rows per written file at most: ~200 KB of Parquet. Small enough that rows
-# waiting for a full batch (and so for their shard marker) stay few.
+# Rows per write task at most: the grain at which rows become durable.  Small,
+# so few computed rows wait for a full batch; a shard's small files are
+# compacted to max_rows_per_file when it completes (workers/ledger.py).
 WRITE_BATCH_ROWS = 2_048
 WRITE_CPUS = 0.25
+DECODE_TASK_MEMORY = 512 * 1024**2
 
 
 def read_shards(batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int) -> Iterator[pa.Table]:
@@ -73,6 +77,19 @@ def shard_items(shards: list[ShardRef]) -> list[dict]:
     return [dataclasses.asdict(s) for s in shards]
 
 
+def read_and_decode(
+    batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int, decode_spec: DecodeSpec
+) -> Iterator[pa.Table]:
+    """Ray Data UDF: read each shard the batch names and decode its samples, one reader block at a time.
+
+    One function, so reading and decoding share a task whatever Ray Data's
+    fusion rules are: undecoded bytes never wait in the object store for a
+    separate decode stage, and a shard's pixels stream out as they are made.
+    """
+    for table in read_shards(batch, spec, storage, batch_rows):
+        yield decode_batch(table, decode_spec)
+
+
 def decoded_dataset(
     input_spec: InputSpec,
     storage: StorageOptions,
@@ -80,33 +97,30 @@ def decoded_dataset(
     shards: list[ShardRef],
     decode_spec: DecodeSpec,
 ) -> ray.data.Dataset:
-    """The read and decode stages: one row per sample, ``pixels`` filled on ok rows.
+    """The read+decode stage: one row per sample, ``pixels`` filled on ok rows.
 
     Also the benchmark's "pure decoding" baseline, so the end-to-end benchmark
     measures exactly what the model and write stages add.
     """
-    # Reading and decoding share a compute strategy so that Ray Data fuses them
-    # into one task per shard (Task->Task fusion needs equal pool sizes).
-    # Unfused, readers run ahead and park hundreds of MB of undecoded bytes in
-    # the object store while the decode tasks wait for resource budget.
-    compute = TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(
-        read_shards,
-        fn_kwargs={"spec": input_spec, "storage": storage, "batch_rows": resources.read_batch_rows},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=compute,
-    )
     return ds.map_batches(
-        decode_batch,
-        fn_kwargs={"spec": decode_spec},
-        # Whole reader blocks (read_batch_rows each): a fixed batch size here
-        # would make Ray Data bundle up to that many *shards* into one fused
-        # read+decode task, serialising reads and starving the model stage.
-        batch_size=None,
+        read_and_decode,
+        fn_kwargs={
+            "spec": input_spec,
+            "storage": storage,
+            "batch_rows": resources.read_batch_rows,
+            "decode_spec": decode_spec,
+        },
+        batch_size=1,  # one shard per task: a bad shard fails alone, shards parallelise
         batch_format="pyarrow",
-        compute=compute,
+        compute=TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None,
+        num_cpus=1,
+        # What a task holds at once: a reader block of raw bytes and its
+        # pixels, plus one large photo being decoded.  Reserving it also keeps
+        # these tasks apart from the model actors, which reserve no memory: Ray
+        # Data runs two stages in one process only when their resource requests
+        # are equal, and decoding must scale on CPUs apart from the replicas.
+        memory=DECODE_TASK_MEMORY,
     )
 
 
@@ -141,12 +155,8 @@ def build_dataset(
         compute=ActorPoolStrategy(min_size=res.replicas_min, max_size=res.replicas_max),
         num_gpus=gpus_per_replica,
         num_cpus=res.cpus_per_replica,
-        # SPREAD places replicas on different nodes first (one per GPU node
-        # before doubling up).  It also makes the actor's remote args differ
-        # from the decode tasks', which keeps Ray Data from fusing decoding
-        # into the model actors when replicas use no GPU: decoding must stay in
-        # its own CPU stage so the two scale apart.
-        scheduling_strategy="SPREAD",
+        # Ray Data places actors with its SPREAD default: one replica per GPU
+        # node before doubling up.
     )
     ds = ds.map_batches(
         write_rows,

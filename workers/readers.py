@@ -27,44 +27,45 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.config import FORBIDDEN_SCHEMES, IMAGE_EXTENSIONS, InputSpec, StorageOptions
+from workers.config import IMAGE_EXTENSIONS, InputSpec, StorageOptions
 from workers.listing import IMAGES, PARQUET, WEBDATASET, ShardRef
 from workers.schema import (
+    BAD_QUESTIONS,
+    DUPLICATE_KEY,
+    EMPTY_FILE,
+    EMPTY_SHARD,
     ERROR,
     ERROR_KIND,
     ID,
     IMAGE,
     KEY,
+    MEMBER_TOO_LARGE,
+    MISSING_IMAGE,
+    MISSING_IMAGE_COLUMN,
+    MISSING_KEY,
+    MISSING_KEY_COLUMN,
+    READ_ERROR,
     ROW_QUESTIONS,
     SHARD,
+    SHARD_UNREADABLE,
     SOURCE,
     STATUS,
     STATUS_ERROR,
     STATUS_OK,
+    UNSAFE_MEMBER,
     passthrough_name,
     read_schema,
 )
-from workers.storage import filesystem_for
-
-# error_kind values this module emits.
-SHARD_UNREADABLE = "shard_unreadable"  # shard-level: missing, not a tar, truncated, corrupt Parquet...
-EMPTY_SHARD = "empty_shard"  # shard-level: the file has zero bytes
-MISSING_IMAGE_COLUMN = "missing_image_column"  # shard-level: no usable image column in a Parquet file
-MISSING_KEY_COLUMN = "missing_key_column"  # shard-level: the configured key column is absent
-UNSAFE_MEMBER = "unsafe_member"  # tar: "..", absolute name, or the image member is a link/device
-MEMBER_TOO_LARGE = "member_too_large"  # tar member / image file above spec.max_member_bytes
-DUPLICATE_KEY = "duplicate_key"  # the key already appeared earlier in the same shard
-MISSING_IMAGE = "missing_image"  # Parquet: null image cell (or a path-only HF Image value)
-MISSING_KEY = "missing_key"  # Parquet: null value in the key column
-EMPTY_IMAGE = "empty_file"  # the image payload has zero bytes
-READ_ERROR = "read_error"  # images format: the file could not be read
-BAD_QUESTIONS = "bad_questions"  # the per-row questions value is neither a JSON list nor text
+from workers.storage import filesystem_for, refuse_command_url, relative_path
 
 # What reading a shard may legitimately raise: storage and format errors.
 # (tarfile turns zlib/bz2/lzma errors into ReadError; the rest can surface as-is.)
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, pa.ArrowException)
 
 IMAGE_COLUMN_CANDIDATES = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "img", "bytes")
+# img2dataset's Parquet names each sample in a "key" column: without a
+# key_column setting it is used when present (as text or an integer), else the row index.
+KEY_COLUMN_CANDIDATES = ("key",)
 # Image files fetched per request group: concurrent on S3, bounded memory.
 _FETCH_GROUP = 16
 
@@ -79,8 +80,7 @@ def read_shard(shard: ShardRef, spec: InputSpec, storage: StorageOptions, batch_
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     for uri in (shard.uri, *shard.files):
-        if uri.strip().lower().startswith(FORBIDDEN_SCHEMES):
-            raise ValueError(f"shard input {uri!r} uses a command-running scheme, which is refused")
+        refuse_command_url(uri, "shard input")
     if shard.format == WEBDATASET:
         rows = _tar_rows(shard, spec, storage)
     elif shard.format == PARQUET:
@@ -341,7 +341,7 @@ class _TarSamples:
                 f"key {sample.key!r} appears again, not next to its earlier members (kept the first)",
             )
         elif sample.kind is None and sample.image is not None and not sample.image:
-            sample.fail(EMPTY_IMAGE, f"key {sample.key!r}: the image member is empty")
+            sample.fail(EMPTY_FILE, f"key {sample.key!r}: the image member is empty")
         questions = None
         if sample.kind is None and sample.questions is not None:
             try:
@@ -426,6 +426,16 @@ def _image_column(schema: pa.Schema, wanted: str | None) -> tuple[str | None, st
     )
 
 
+def _auto_key_column(schema: pa.Schema) -> str | None:
+    """The first of :data:`KEY_COLUMN_CANDIDATES` holding text or integers, or None (keys = row index)."""
+    for name in KEY_COLUMN_CANDIDATES:
+        if name in schema.names:
+            t = schema.field(name).type
+            if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t):
+                return name
+    return None
+
+
 def _image_bytes(value: Any) -> tuple[bytes | None, str]:
     if isinstance(value, dict):  # HF Image struct
         data = value.get("bytes")
@@ -455,7 +465,7 @@ def _parquet_rows(
             if image_col is None:
                 yield _shard_error(shard, spec, MISSING_IMAGE_COLUMN, reason)
                 return
-            key_col = spec.key_column
+            key_col = spec.key_column if spec.key_column is not None else _auto_key_column(schema)
             if key_col is not None and key_col not in schema.names:
                 yield _shard_error(
                     shard,
@@ -509,7 +519,7 @@ def _parquet_row(
     if kind is None and image is None:
         kind, error = MISSING_IMAGE, f"row {index}: {reason}"
     elif kind is None and not image:
-        kind, error = EMPTY_IMAGE, f"row {index}: the image is empty"
+        kind, error = EMPTY_FILE, f"row {index}: the image is empty"
     questions = None
     if kind is None and q_col is not None:
         try:
@@ -532,11 +542,6 @@ def _parquet_row(
 # --------------------------------------------------------------------------- image folders
 
 
-def _relative_key(uri: str, root: str) -> str:
-    prefix = root.rstrip("/") + "/"
-    return uri[len(prefix) :] if uri.startswith(prefix) else posixpath.basename(uri)
-
-
 def _image_rows(shard: ShardRef, spec: InputSpec, storage: StorageOptions) -> Iterator[dict[str, Any]]:
     limit = spec.max_member_bytes
     for start in range(0, len(shard.files), _FETCH_GROUP):
@@ -547,7 +552,7 @@ def _image_rows(shard: ShardRef, spec: InputSpec, storage: StorageOptions) -> It
         # tells "too large" apart without ever holding a huge file.
         results = fs.cat_ranges(paths, [0] * len(paths), [limit + 1] * len(paths), on_error="return")
         for uri, path, result in zip(uris, paths, results, strict=True):
-            key = _relative_key(uri, shard.root)
+            key = relative_path(uri, shard.root)
             if isinstance(result, BaseException) and not isinstance(result, OSError):
                 raise result  # not a storage error: a bug, do not hide it
             data, kind, error = _classify_read(fs, path, limit, result)
@@ -573,5 +578,5 @@ def _classify_read(
     if len(result) > limit:
         return None, MEMBER_TOO_LARGE, f"file exceeds max_member_bytes={limit}"
     if not result:
-        return None, EMPTY_IMAGE, "the file is empty"
+        return None, EMPTY_FILE, "the file is empty"
     return result, None, None

@@ -58,9 +58,6 @@ from workers.model_store import ModelLoadError, model_revision, resolve_model_di
 
 log = logging.getLogger(__name__)
 
-GENERATION_FAILED = "generation_failed"
-OUT_OF_MEMORY = "out_of_memory"
-
 # Sequences per generate() call on CPU.  Per-step overhead (Python, small
 # matmuls) dominates there, so bigger is faster until the matmuls get big.
 # Measured per sequence, one thread, 20 tokens, for 8/16/32/64/128 sequences
@@ -79,8 +76,6 @@ __all__ = [
     "Blip2Replica",
     "FastPath",
     "ModelLoadError",
-    "GENERATION_FAILED",
-    "OUT_OF_MEMORY",
     "resolve_dtype",
     "normalize_pixels",
     "normalization_table",
@@ -383,7 +378,7 @@ class Blip2Replica:
             # Half-precision weights were asked for; let the Q-Former, which BLIP-2
             # keeps in float32, use TF32 tensor cores too.  (A process-wide setting:
             # each replica is its own Ray actor process.)
-            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
         self._generate_kwargs = self.generation.generate_kwargs()
         self._use_prefix_cache = (
             self.fast.prefix_cache
@@ -589,9 +584,6 @@ class Blip2Replica:
                 return tokens[: i + 1]
         return tokens
 
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
     # ------------------------------------------------------------------ batch
 
     def _prefixes(self, pixels: np.ndarray, failed: dict[int, tuple[str, str]]):
@@ -617,7 +609,7 @@ class Blip2Replica:
                 if not is_out_of_memory(exc):
                     message = f"{type(exc).__name__}: {exc}"
                     if len(part) == 1:
-                        failed[part[0]] = (GENERATION_FAILED, message)
+                        failed[part[0]] = (schema.GENERATION_FAILED, message)
                     else:
                         log.warning("image encoder failed for %d images, retrying one by one: %s", len(part), message)
                         for image in part:
@@ -628,7 +620,7 @@ class Blip2Replica:
                 prefix = None
                 self._after_oom()
                 if len(part) == 1:
-                    failed[part[0]] = (OUT_OF_MEMORY, f"out of memory encoding the image alone: {oom}")
+                    failed[part[0]] = (schema.OUT_OF_MEMORY, f"out of memory encoding the image alone: {oom}")
                     continue
                 half = len(part) // 2
                 self._vision_cap = half
@@ -697,7 +689,7 @@ class Blip2Replica:
             if not is_out_of_memory(exc):
                 message = f"{type(exc).__name__}: {exc}"
                 if len(part) == 1:
-                    failed[part[0].image] = (GENERATION_FAILED, message)
+                    failed[part[0].image] = (schema.GENERATION_FAILED, message)
                     return
                 # Isolate the failing image(s): retry one at a time.
                 log.warning("generation failed for a group of %d, retrying one by one: %s", len(part), message)
@@ -709,7 +701,7 @@ class Blip2Replica:
         if oom is not None:  # outside the except block, so the failed call's tensors can be freed
             self._after_oom()
             if len(part) == 1:
-                failed[part[0].image] = (OUT_OF_MEMORY, f"out of memory generating for the image alone: {oom}")
+                failed[part[0].image] = (schema.OUT_OF_MEMORY, f"out of memory generating for the image alone: {oom}")
                 return
             half = len(part) // 2
             self._generation_cap = half

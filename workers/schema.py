@@ -8,6 +8,8 @@ column, with nulls where it has nothing to say.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pyarrow as pa
 
 STATUS_OK = "ok"
@@ -16,6 +18,64 @@ STATUS_ERROR = "error"
 # the shard's row count in SHARD_ROWS so the driver knows when the shard is
 # complete.  Every stage passes it through; the writer never writes it.
 STATUS_SHARD_END = "shard_end"
+
+# ----------------------------------------------------------------- error kinds
+# The one registry of ``error_kind`` values.  Every stage takes its tags from
+# here, the README's failure table lists exactly these (a test holds them
+# equal), and ``transient`` says whether the same input may succeed on a rerun
+# (``--retry-errors`` redoes shards holding such rows) or the failure is a
+# property of the input, which a rerun would only repeat.
+
+# Readers: one sample.
+EMPTY_FILE = "empty_file"  # the image payload has zero bytes
+MEMBER_TOO_LARGE = "member_too_large"  # tar member / image file above max_member_bytes
+UNSAFE_MEMBER = "unsafe_member"  # tar: "..", absolute name, or the image member is a link/device
+DUPLICATE_KEY = "duplicate_key"  # the key already appeared earlier in the same shard
+MISSING_IMAGE = "missing_image"  # null image cell (or a path-only HF Image value)
+MISSING_KEY = "missing_key"  # Parquet: null or empty value in the key column
+READ_ERROR = "read_error"  # images format: the file could not be read
+BAD_QUESTIONS = "bad_questions"  # the per-row questions value is neither a list nor text
+# Readers: one row for the whole shard (key "").
+EMPTY_SHARD = "empty_shard"  # the file has zero bytes
+SHARD_UNREADABLE = "shard_unreadable"  # missing, not a tar, truncated, corrupt Parquet, storage failure
+MISSING_IMAGE_COLUMN = "missing_image_column"  # no usable image column in a Parquet file
+MISSING_KEY_COLUMN = "missing_key_column"  # the configured key column is absent
+# Decoding.
+NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify it as an allowed format
+DECOMPRESSION_BOMB = "decompression_bomb"  # width*height above max_image_pixels
+TRUNCATED_IMAGE = "truncated_image"  # the file ends before the pixel data does
+DECODE_FAILED = "decode_failed"  # anything else the decoders reject
+# Model.
+GENERATION_FAILED = "generation_failed"  # generate raised for this image alone
+OUT_OF_MEMORY = "out_of_memory"  # out of accelerator memory even alone
+
+# error_kind -> transient (a rerun of the same input may succeed).
+ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
+    {
+        EMPTY_FILE: False,
+        MEMBER_TOO_LARGE: False,
+        UNSAFE_MEMBER: False,
+        DUPLICATE_KEY: False,
+        MISSING_IMAGE: False,
+        MISSING_KEY: False,
+        READ_ERROR: True,  # a storage failure past every retry
+        BAD_QUESTIONS: False,
+        EMPTY_SHARD: False,
+        SHARD_UNREADABLE: True,  # also storage failures mid-read; see SHARD_READ_ERRORS
+        MISSING_IMAGE_COLUMN: False,
+        MISSING_KEY_COLUMN: False,
+        NOT_AN_IMAGE: False,
+        DECOMPRESSION_BOMB: False,
+        TRUNCATED_IMAGE: False,
+        DECODE_FAILED: False,
+        GENERATION_FAILED: True,
+        OUT_OF_MEMORY: True,  # a later run may have larger GPUs or a smaller batch
+    }
+)
+TRANSIENT_ERROR_KINDS = frozenset(kind for kind, transient in ERROR_KINDS.items() if transient)
+# Shard-level read failures: a resume retries shards that ended in one even
+# without --retry-errors, so an outage never becomes a permanent gap.
+SHARD_READ_ERRORS = frozenset({SHARD_UNREADABLE})
 
 # Stage 1 (reader) output.  ``image`` holds the undecoded bytes.
 ID = "id"  # f"{source}::{key}", stable across reruns

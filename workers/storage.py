@@ -2,17 +2,38 @@
 
 Every read and write in the project goes through :func:`filesystem_for`, so a
 test against a local directory exercises the same code as a run against S3.
+This module is also the one home of the project's rules about URLs: which
+schemes are refused, what counts as local, and how a path is named relative
+to its input root.
 """
 
 from __future__ import annotations
 
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from workers.config import StorageOptions
+if TYPE_CHECKING:  # config imports this module for refuse_command_url
+    from workers.config import StorageOptions
+
+# URL schemes that run commands (WebDataset's "pipe:") or are otherwise not
+# plain storage: refused before anything is read or written.
+COMMAND_SCHEMES = ("pipe:", "exec:", "shell:")
+
+
+class UnsafeURLError(ValueError):
+    """A URL uses a command-running scheme."""
+
+
+def refuse_command_url(url: str, what: str) -> None:
+    """Raise :class:`UnsafeURLError` (a ``ValueError``) naming ``what`` when ``url`` would run a command.
+
+    Leading whitespace does not hide the scheme (``" pipe:cat x"`` is refused too).
+    """
+    if url.strip().lower().startswith(COMMAND_SCHEMES):
+        raise UnsafeURLError(f"{what}: {url!r} uses a command-running scheme, which is refused")
 
 
 def protocol_of(url: str) -> str:
@@ -20,6 +41,11 @@ def protocol_of(url: str) -> str:
     if "://" not in url:
         return "file"
     return url.split("://", 1)[0].lower()
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is on local disk (a plain path or ``file://``): writes there need temp file + rename."""
+    return protocol_of(url) in ("file", "local")
 
 
 def filesystem_for(url: str, storage: StorageOptions) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -44,3 +70,12 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def join(url: str, *parts: str) -> str:
     """Join URL path segments with ``/`` on every platform and protocol."""
     return posixpath.join(url.rstrip("/"), *parts)
+
+
+def relative_path(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (``s3://b/in/a/x.jpg`` under ``s3://b/in`` -> ``a/x.jpg``).
+
+    A path outside ``root`` (a file named explicitly) is named by its basename.
+    """
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)

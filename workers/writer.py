@@ -17,6 +17,11 @@ disk.
 The stage returns one small *report* row per file written (and one per
 shard-end marker row seen), which the driver folds into per-shard completion
 markers (``workers/ledger.py``).
+
+Batches mix shards, so a shard's rows arrive as many small files; that keeps
+rows durable soon after they are computed.  Once all of a shard's rows are
+durable, :func:`compact_shard` rewrites them into as few files as
+``OutputSpec.max_rows_per_file`` allows, before the marker names them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import pyarrow.parquet as pq
 
 from workers import schema
 from workers.config import OutputSpec, StorageOptions
-from workers.storage import filesystem_for, join, protocol_of
+from workers.storage import filesystem_for, is_local, join
 
 PARTITION_COLUMN = schema.SHARD
 
@@ -152,7 +157,7 @@ def write_rows(
     data = conform(batch.filter(pc.invert(is_end)), output_schema(passthrough))
     if data.num_rows:
         fs, root = filesystem_for(output.url, storage)
-        local = protocol_of(output.url) == "file"
+        local = is_local(output.url)
         for shard in sorted(set(data.column(PARTITION_COLUMN).to_pylist())):
             part = data.filter(pc.equal(data.column(PARTITION_COLUMN), shard))
             if output.partition_by == "shard":
@@ -168,3 +173,42 @@ def write_rows(
                  "source": None}
             )  # fmt: skip
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+def compact_shard(fs, output: OutputSpec, root: str, shard: str, files: dict[str, int], run_id: str) -> list[str]:
+    """Rewrite one complete shard's ``files`` (path -> rows) as ``ceil(rows / max_rows_per_file)`` files.
+
+    Returns the paths that now hold the shard's rows.
+
+    Files are read one at a time in path order and cut every
+    ``max_rows_per_file`` rows, so memory stays at one output file.  The input
+    files are left in place: the ledger deletes them only after the new ones
+    are durable, and a crash in between leaves a shard without a marker, which
+    a rerun redoes.  Already as few files as the limit allows: returns them unchanged.
+    Raises the filesystem's ``OSError`` on failure.
+    """
+    limit = output.max_rows_per_file
+    if len(files) <= max(1, -(-sum(files.values()) // limit)):
+        return sorted(files)
+    local = is_local(output.url)
+    written: list[str] = []
+    pending: list[pa.Table] = []
+    held = 0
+
+    def flush(table: pa.Table) -> None:
+        path = file_path(output, root, shard, run_id, table.column(schema.ID).to_pylist())
+        write_parquet_atomic(fs, path, table, local)
+        written.append(path)
+
+    for path in sorted(files):
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        pending.append(table)
+        held += table.num_rows
+        while held >= limit:
+            merged = pa.concat_tables(pending)
+            flush(merged.slice(0, limit))
+            rest = merged.slice(limit)
+            pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+    if held:
+        flush(pa.concat_tables(pending))
+    return written
