@@ -32,6 +32,9 @@ class FaultyProxy:
         self.requests: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()  # "GET /bucket/key" -> count, query strings dropped
         self.faults: Counter[str] = Counter()  # "GET 503", "PUT drop", ...
+        # "GET /bucket/key" entries answered 503 every time, whatever the schedule: an outage of
+        # those objects, past every retry.  Tests add and remove entries while the proxy runs.
+        self.outage: set[str] = set()
         self._lock = threading.Lock()
         proxy = self
 
@@ -57,8 +60,9 @@ class FaultyProxy:
             def _handle(self):
                 body = self._body()
                 kind = "LIST" if self.command == "GET" and "list-type" in self.path else self.command
-                proxy._count_path(f"{self.command} {self.path.split('?', 1)[0]}")
-                fault = proxy._next_fault(kind)
+                what = f"{self.command} {self.path.split('?', 1)[0]}"
+                proxy._count_path(what)
+                fault = "503" if what in proxy.outage else proxy._next_fault(kind)
                 if fault == "503":
                     proxy._count(f"{kind} 503")
                     self.send_response(503)

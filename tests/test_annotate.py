@@ -270,3 +270,41 @@ def test_model_that_cannot_load_stops_the_job_quickly_with_the_cause(ray_cluster
     assert time.monotonic() - started < 180  # gives up after a few tries, not forever
     err = capsys.readouterr().err
     assert "model replicas failed to start" in err and "cannot load BLIP-2" in err
+
+
+def test_a_5000_row_shard_is_written_in_files_of_max_rows_per_file(ray_cluster, tmp_path, tiny_models):
+    """Rows arrive in write batches that mix shards; each shard ends as ceil(rows / max_rows_per_file) files."""
+    rng = np.random.default_rng(0)
+    tiles = [jpeg_bytes(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), quality=70) for _ in range(50)]
+    n = 5_000
+    images = [tiles[i % 50] if i % 1000 else b"not an image" for i in range(n)]  # 5 error rows ride along
+    pq.write_table(
+        pa.table({"key": [f"k{i:05d}" for i in range(n)], "jpg": pa.array(images, pa.binary())}),
+        tmp_path / "big.parquet",
+        row_group_size=500,
+    )
+    small = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"key": ["s0", "s1"], "jpg": pa.array(tiles[:2], pa.binary())}), small)
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "big.parquet"), str(small), "--output", str(out),
+            "--model", str(tiny_models["opt"]), "--max-new-tokens", "1", "--max-rows-per-file", "2500",
+            "--batch-size", "512"]  # fmt: skip
+    assert main(args) == 0
+    files = sorted((out / "shard=big.parquet").glob("*.parquet"))
+    # Written in batches of at most 2,048 rows (the durability grain), compacted to two files.
+    assert sorted(pq.read_metadata(f).num_rows for f in files) == [2500, 2500]
+    marker = json.loads((out / "_markers" / "big.parquet.json").read_text())
+    assert sorted(marker["files"]) == [str(f) for f in files] and marker["rows"] == n
+    assert [pq.read_metadata(f).num_rows for f in (out / "shard=small.parquet").glob("*.parquet")] == [2]
+    rows = read_output(str(out))
+    big = [r for r in rows if r["shard"] == "big.parquet"]
+    assert sorted(r["key"] for r in big) == [f"k{i:05d}" for i in range(n)]  # each row once
+    assert sum(r["error_kind"] == "not_an_image" for r in big) == 5
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["inputs"], summary["errors_by_kind"]) == (n + 2, {"not_an_image": 5})
+    # The default (100,000 rows) holds the whole shard in one file; a resume of the same output keeps it as is.
+    again = tmp_path / "again"
+    assert main([*args[:4], str(again), *args[5:9], *args[11:]]) == 0
+    assert [pq.read_metadata(f).num_rows for f in (again / "shard=big.parquet").glob("*.parquet")] == [n]
+    assert main(args) == 0
+    assert sorted((out / "shard=big.parquet").glob("*.parquet")) == files

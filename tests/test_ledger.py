@@ -318,3 +318,113 @@ def test_a_late_report_for_a_complete_shard_is_ignored_or_removed(tmp_path):
     dup = _touch(tmp_path / "o" / "shard=a" / "part-r1-2.parquet")
     ledger.record(_reports([{**rep, "file": dup}]))
     assert Path(fa).exists() and not Path(dup).exists() and ledger.incomplete() == []
+
+
+# --------------------------------------------------------------------------- resume redoes what failed
+
+
+def _rows_by_shard(out: Path) -> dict[str, list[tuple[str, str, str | None]]]:
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table(
+        columns=["shard", "key", "status", "error_kind"]
+    )
+    got: dict[str, list] = {}
+    for r in sorted(table.to_pylist(), key=lambda r: (r["shard"], r["key"])):
+        got.setdefault(r["shard"], []).append((r["key"], r["status"], r["error_kind"]))
+    return got
+
+
+def test_a_shard_fixed_after_a_failed_read_is_redone_exactly_once(ray_cluster, tmp_path, tiny_models, photos, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_shards(inp, photos, n_shards=2, per_shard=3)
+    good = (inp / "0001.tar").read_bytes()
+    import gzip
+
+    (inp / "0001.tar").unlink()
+    whole = gzip.compress(good)
+    (inp / "0001.tgz").write_bytes(whole[: len(whole) // 2])  # cut short in transit
+    cmd = ["--input", str(inp), "--output", str(out), "--model", str(tiny_models["opt"]), "--max-new-tokens", "2"]
+    assert main(cmd) == 0
+    first = _rows_by_shard(out)
+    assert first["0001.tgz"][0] == ("", "error", "shard_unreadable")
+    assert markers(out)["0001.tgz"]["errors"].get("shard_unreadable") == 1
+    kept_marker = markers(out)["0000.tar"]
+
+    (inp / "0001.tgz").write_bytes(whole)  # the good file replaces it
+    capsys.readouterr()
+    assert main(cmd) == 0
+    line = capsys.readouterr().out
+    assert "annotated 3 images from 1 shards" in line and "1 redone (input_changed)" in line, line
+    assert "skipped 3 images in 1 shards already done" in line, line
+    again = _rows_by_shard(out)
+    assert again["0001.tgz"] == [(f"0001_{i:03d}", "ok", None) for i in range(3)]  # each once, no error row
+    assert again["0000.tar"] == first["0000.tar"] and markers(out)["0000.tar"] == kept_marker  # not recomputed
+    assert sorted(output_ids(out)) == sorted(set(output_ids(out)))
+    # Nothing changed since: a third run does nothing.
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards_redone"] == {"input_changed": 1} and summary["rows_this_run"] == 3
+    assert main(cmd) == 0
+    assert json.loads((out / "_summary.json").read_text())["rows_this_run"] == 0
+
+
+def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_endpoint, s3_bucket, tiny_models,
+                                                                photos):  # fmt: skip
+    """A shard unreadable in an outage is redone by the next resume; a read_error row only with
+    --retry-errors; a not_an_image row never."""
+    import s3fs
+    from faulty_proxy import FaultyProxy
+    from shards import tar_bytes
+
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    jpg = jpeg_bytes(photos["coffee"][:96, :96])
+    direct.pipe_file(f"{s3_bucket}/in/a.tar", tar_bytes([("a0.jpg", jpg), ("a1.jpg", b"plain text, not a jpeg")]))
+    direct.pipe_file(f"{s3_bucket}/in/b.tar", tar_bytes([("b0.jpg", jpg), ("b1.jpg", jpg)]))
+    direct.pipe_file(f"{s3_bucket}/in/imgs/x.jpg", jpg)
+    direct.pipe_file(f"{s3_bucket}/in/imgs/y.jpg", jpg)
+    out = f"s3://{s3_bucket}/out"
+
+    def rows() -> dict[str, list]:
+        direct.invalidate_cache()
+        table = pads.dataset(f"{s3_bucket}/out", partitioning="hive", filesystem=direct).to_table()
+        got: dict[str, list] = {}
+        for r in sorted(table.to_pylist(), key=lambda r: (r["shard"], r["key"])):
+            got.setdefault(r["shard"], []).append((r["key"], r["error_kind"]))
+        return got
+
+    def summary() -> dict:
+        return json.loads(direct.cat_file(f"{s3_bucket}/out/_summary.json"))
+
+    with FaultyProxy(s3_endpoint, every=0) as proxy:
+        proxy.outage |= {f"GET /{s3_bucket}/in/b.tar", f"GET /{s3_bucket}/in/imgs/x.jpg"}
+        cmd = ["--input", f"s3://{s3_bucket}/in/", "--output", out, "--endpoint-url", proxy.url,
+               "--retry-attempts", "1", "--model", str(tiny_models["opt"]), "--max-new-tokens", "2"]  # fmt: skip
+        assert main(cmd) == 0
+        assert rows() == {
+            "a.tar": [("a0", None), ("a1", "not_an_image")],
+            "b.tar": [("", "shard_unreadable")],
+            "imgs": [("imgs/x.jpg", "read_error"), ("imgs/y.jpg", None)],
+        }
+        first = {name: m["run_id"] for name, m in _s3_markers(direct, s3_bucket).items()}
+        proxy.outage.clear()  # the outage ends
+
+        assert main(cmd) == 0  # a plain resume retries the unreadable shard only
+        assert summary()["shards_redone"] == {"read_failed": 1}
+        assert rows()["b.tar"] == [("b0", None), ("b1", None)]
+        assert rows()["imgs"] == [("imgs/x.jpg", "read_error"), ("imgs/y.jpg", None)]
+
+        assert main([*cmd, "--retry-errors"]) == 0  # now the transient read_error too, not the not_an_image row
+        assert summary()["shards_redone"] == {"retry_errors": 1}
+        final = rows()
+        assert final == {
+            "a.tar": [("a0", None), ("a1", "not_an_image")],
+            "b.tar": [("b0", None), ("b1", None)],
+            "imgs": [("imgs/x.jpg", None), ("imgs/y.jpg", None)],
+        }
+        last = {name: m["run_id"] for name, m in _s3_markers(direct, s3_bucket).items()}
+    assert last["a.tar"] == first["a.tar"]  # never recomputed
+    assert len({last["b.tar"], last["imgs"], first["a.tar"]}) == 3
+    assert summary()["inputs"] == 6 and summary()["errors_by_kind"] == {"not_an_image": 1}
+
+
+def _s3_markers(fs, bucket: str) -> dict[str, dict]:
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[1][: -len(".json")]: json.loads(fs.cat_file(p)) for p in fs.ls(f"{bucket}/out/_markers")}
