@@ -149,8 +149,7 @@ def stage_costs(dashboard: str) -> dict[str, tuple[int, float]]:
     costs: dict[str, list[float]] = {}
     for task in json.loads(proc.stdout):
         name = task["name"]
-        # Fused stages (read and decode run as one task) are reported together.
-        stage = "+".join(s for s in STAGES if s in name) or None
+        stage = next((s for s in STAGES if s in name), None)
         if stage is None or not task.get("end_time_ms") or not task.get("start_time_ms"):
             continue
         if stage == "Blip2Replica" and not name.endswith(".submit"):
@@ -160,7 +159,7 @@ def stage_costs(dashboard: str) -> dict[str, tuple[int, float]]:
     return {stage: (len(v), sum(v)) for stage, v in costs.items()}
 
 
-STAGES = ("read_shards", "decode_batch", "Blip2Replica", "write_rows")
+STAGES = ("read_and_decode", "Blip2Replica", "write_rows")
 
 
 def main() -> None:

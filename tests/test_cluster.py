@@ -340,8 +340,8 @@ def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bu
     (job,) = [j for j in _state(dashboard, "jobs") if j.get("submission_id") == job_id]
     assert job["status"] == "SUCCEEDED"
     tasks = [t for t in _state(dashboard, "tasks") if t["job_id"] == job["job_id"]]
-    # Read and decode are fused: the tasks are named "MapBatches(read_shards)->MapBatches(decode_batch)".
-    read_nodes = {t["node_id"] for t in tasks if "MapBatches(read_shards)" in t["name"] and t["node_id"]}
+    # Reading and decoding are one stage: its tasks are named "MapBatches(read_and_decode)".
+    read_nodes = {t["node_id"] for t in tasks if "MapBatches(read_and_decode)" in t["name"] and t["node_id"]}
     assert read_nodes == {n["node_id"] for n in nodes}
     replicas, placed = _replica_nodes(dashboard, job["job_id"])
     # Both replicas start; a job this small may finish before the second is ready.
@@ -527,7 +527,7 @@ def test_gpu_nodes_scale_up_with_the_replica_pool_and_down_after(autoscaling_clu
     assert placed and len(set(placed.values())) == len(placed)
     assert set(placed.values()) <= gpu_nodes
     tasks = _state(dashboard, "tasks")
-    decode_nodes = {t["node_id"] for t in tasks if "MapBatches(decode_batch)" in t["name"] and t["node_id"]}
+    decode_nodes = {t["node_id"] for t in tasks if "MapBatches(read_and_decode)" in t["name"] and t["node_id"]}
     assert head_id in decode_nodes
 
     # The cluster shrinks back once the GPU nodes are idle.

@@ -400,7 +400,7 @@ def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_
         assert main(cmd) == 0
         assert rows() == {
             "a.tar": [("a0", None), ("a1", "not_an_image")],
-            "b.tar": [("", "shard_unreadable")],
+            "b.tar": [("", "shard_read_error")],
             "imgs": [("imgs/x.jpg", "read_error"), ("imgs/y.jpg", None)],
         }
         first = {name: m["run_id"] for name, m in _s3_markers(direct, s3_bucket).items()}

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from ray.data import ActorPoolStrategy
 from reference import Reference
 
 from workers import schema
@@ -331,7 +332,7 @@ def test_runs_as_a_ray_data_actor_stage(ray_cluster, tiny_models, images):
         batch_format="pyarrow",
         batch_size=3,
         fn_constructor_kwargs=replica_kwargs,
-        concurrency=1,
+        compute=ActorPoolStrategy(size=1),
         num_cpus=1,
     )
     got = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(schema.ID)
@@ -673,7 +674,8 @@ def test_out_of_memory_splitting_in_a_ray_data_actor_stage(ray_cluster, tiny_mod
     table = model_input_table([images[n] for n in names], 32, 32)
     expected = sorted(_ids_and_outputs(Blip2Replica(**kwargs)(table)))
     ds = ray.data.from_arrow(table).map_batches(
-        _TightReplica, batch_format="pyarrow", batch_size=5, fn_constructor_kwargs=kwargs, concurrency=1, num_cpus=1
+        _TightReplica, batch_format="pyarrow", batch_size=5, fn_constructor_kwargs=kwargs,
+        compute=ActorPoolStrategy(size=1), num_cpus=1,
     )
     got = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     assert got.num_rows == table.num_rows

@@ -47,6 +47,7 @@ from workers.schema import (
     READ_ERROR,
     ROW_QUESTIONS,
     SHARD,
+    SHARD_READ_ERROR,
     SHARD_UNREADABLE,
     SOURCE,
     STATUS,
@@ -61,6 +62,55 @@ from workers.storage import filesystem_for, refuse_command_url, relative_path
 # What reading a shard may legitimately raise: storage and format errors.
 # (tarfile turns zlib/bz2/lzma errors into ReadError; the rest can surface as-is.)
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, pa.ArrowException)
+
+
+class _StorageReads:
+    """The storage calls of one shard read, so a failure can be told apart from bad bytes.
+
+    Both raise ``OSError`` (pyarrow reports a corrupt page as one, s3fs an S3
+    failure past its retries), so what counts is where it was raised: in a
+    call to the filesystem or its file object (``shard_read_error``, which a
+    rerun may get past) or while parsing the bytes (``shard_unreadable``).
+    """
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def call(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError:
+            self.failed = True
+            raise
+
+    def open(self, fs, path: str) -> _TracedFile:
+        return _TracedFile(self.call(fs.open, path, "rb"), self)
+
+    def kind(self) -> str:
+        return SHARD_READ_ERROR if self.failed else SHARD_UNREADABLE
+
+
+class _TracedFile:
+    """A storage file object whose reads go through :meth:`_StorageReads.call`."""
+
+    def __init__(self, f, reads: _StorageReads) -> None:
+        self._f, self._reads = f, reads
+
+    def read(self, *args):
+        return self._reads.call(self._f.read, *args)
+
+    def seek(self, *args):
+        return self._reads.call(self._f.seek, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _TracedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
 
 IMAGE_COLUMN_CANDIDATES = ("jpg", "jpeg", "png", "webp", "image", "image_bytes", "img", "bytes")
 # img2dataset's Parquet names each sample in a "key" column: without a
@@ -365,12 +415,13 @@ class _TarSamples:
 
 def _tar_rows(shard: ShardRef, spec: InputSpec, storage: StorageOptions) -> Iterator[dict[str, Any]]:
     samples = _TarSamples(shard, spec)
+    reads = _StorageReads()
     try:
         fs, path = filesystem_for(shard.uri, storage)
-        if fs.size(path) == 0:
+        if reads.call(fs.size, path) == 0:
             yield _shard_error(shard, spec, EMPTY_SHARD, f"{shard.uri} is empty (0 bytes)")
             return
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with reads.open(fs, path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:  # streaming: each member's data is read (or skipped) in order
                 samples.add(member, tf)
                 yield from samples.drain()
@@ -379,7 +430,7 @@ def _tar_rows(shard: ShardRef, spec: InputSpec, storage: StorageOptions) -> Iter
         samples.flush()
         yield from samples.drain()
         error = f"{_describe(exc)} (after {samples.members} tar member(s))"
-        yield _shard_error(shard, spec, SHARD_UNREADABLE, error)
+        yield _shard_error(shard, spec, reads.kind(), error)
         return
     samples.flush()
     yield from samples.drain()
@@ -453,12 +504,13 @@ def _parquet_rows(
 ) -> Iterator[dict[str, Any]]:
     keys = _Keys()
     index = 0
+    reads = _StorageReads()
     try:
         fs, path = filesystem_for(shard.uri, storage)
-        if fs.size(path) == 0:
+        if reads.call(fs.size, path) == 0:
             yield _shard_error(shard, spec, EMPTY_SHARD, f"{shard.uri} is empty (0 bytes)")
             return
-        with fs.open(path, "rb") as f:
+        with reads.open(fs, path) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
             image_col, reason = _image_column(schema, spec.image_column)
@@ -485,7 +537,7 @@ def _parquet_rows(
                     yield _parquet_row(shard, spec, data, i, index, image_col, key_col, q_col, passthrough, keys)
                     index += 1
     except SHARD_ERRORS as exc:
-        yield _shard_error(shard, spec, SHARD_UNREADABLE, f"{_describe(exc)} (after {index} row(s))")
+        yield _shard_error(shard, spec, reads.kind(), f"{_describe(exc)} (after {index} row(s))")
 
 
 def _parquet_row(

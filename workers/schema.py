@@ -37,7 +37,8 @@ READ_ERROR = "read_error"  # images format: the file could not be read
 BAD_QUESTIONS = "bad_questions"  # the per-row questions value is neither a list nor text
 # Readers: one row for the whole shard (key "").
 EMPTY_SHARD = "empty_shard"  # the file has zero bytes
-SHARD_UNREADABLE = "shard_unreadable"  # missing, not a tar, truncated, corrupt Parquet, storage failure
+SHARD_UNREADABLE = "shard_unreadable"  # not a tar, truncated, corrupt Parquet: the file itself
+SHARD_READ_ERROR = "shard_read_error"  # storage failed mid-read past every retry, or the file vanished
 MISSING_IMAGE_COLUMN = "missing_image_column"  # no usable image column in a Parquet file
 MISSING_KEY_COLUMN = "missing_key_column"  # the configured key column is absent
 # Decoding.
@@ -61,7 +62,8 @@ ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
         READ_ERROR: True,  # a storage failure past every retry
         BAD_QUESTIONS: False,
         EMPTY_SHARD: False,
-        SHARD_UNREADABLE: True,  # also storage failures mid-read; see SHARD_READ_ERRORS
+        SHARD_UNREADABLE: False,  # a changed file is redone anyway (its fingerprint differs)
+        SHARD_READ_ERROR: True,
         MISSING_IMAGE_COLUMN: False,
         MISSING_KEY_COLUMN: False,
         NOT_AN_IMAGE: False,
@@ -75,7 +77,7 @@ ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
 TRANSIENT_ERROR_KINDS = frozenset(kind for kind, transient in ERROR_KINDS.items() if transient)
 # Shard-level read failures: a resume retries shards that ended in one even
 # without --retry-errors, so an outage never becomes a permanent gap.
-SHARD_READ_ERRORS = frozenset({SHARD_UNREADABLE})
+SHARD_READ_ERRORS = frozenset({SHARD_READ_ERROR})
 
 # Stage 1 (reader) output.  ``image`` holds the undecoded bytes.
 ID = "id"  # f"{source}::{key}", stable across reruns
