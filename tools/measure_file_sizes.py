@@ -8,7 +8,8 @@ English prose (the standard library's docstrings);
 three questions with answers of 1-3 words,
 ids like a WebDataset run on S3's, and prints bytes per row for files of
 2,048 rows (one write batch), 10,000 rows (one img2dataset shard) and
-100,000 rows (the default max_rows_per_file).
+100,000 rows (the default max_rows_per_file), then the time compaction takes
+for one 10,000-row shard written in batches of 2,048 rows.
 
     python tools/measure_file_sizes.py
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 
 import fsspec
 import pyarrow as pa
 
 from workers import schema
-from workers.writer import conform, output_schema, write_parquet_atomic
+from workers.config import OutputSpec
+from workers.writer import compact_shard, conform, file_path, output_schema, write_parquet_atomic
 
 SUBJECTS = ["man", "woman", "dog", "cat", "child", "group of people", "bird", "car", "train", "plate of food",
             "bowl of soup", "boy", "girl", "horse", "bus", "truck", "cake", "pizza", "sandwich", "table", "room",
@@ -97,6 +100,21 @@ def main() -> None:
                 write_parquet_atomic(fs, path, rows(n, rng, shard=n % 997, style=style), local=True)
                 size = fs.size(path)
                 print(f"{style:>8} | {n:>13,} | {size / n:>13.1f} | {size / 1e6:.2f} MB")
+        # What completing a shard adds: its write batches rewritten as one file (local disk).
+        output = OutputSpec(url=f"{tmp}/out")
+        table = rows(10_000, rng, shard=1, style="prose")
+        files = {}
+        for start in range(0, table.num_rows, 2_048):
+            part = table.slice(start, 2_048)
+            path = file_path(output, output.url, "s", "r1", part.column(schema.ID).to_pylist())
+            write_parquet_atomic(fs, path, part, local=True)
+            files[path] = part.num_rows
+        times = []
+        for attempt in range(5):
+            started = time.perf_counter()
+            compact_shard(fs, output, output.url, "s", files, f"c{attempt}")
+            times.append(time.perf_counter() - started)
+        print(f"\ncompacting a 10,000-row shard from {len(files)} files: {1000 * min(times):.0f} ms (best of 5)")
 
 
 if __name__ == "__main__":
