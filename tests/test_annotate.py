@@ -291,7 +291,7 @@ def test_a_5000_row_shard_is_written_in_files_of_max_rows_per_file(ray_cluster, 
             "--batch-size", "512"]  # fmt: skip
     assert main(args) == 0
     files = sorted((out / "shard=big.parquet").glob("*.parquet"))
-    # Written in batches of at most 2,048 rows (the durability grain), compacted to two files.
+    # Written per model batch (512 rows, split by shard), as they are computed; compacted to two files.
     assert sorted(pq.read_metadata(f).num_rows for f in files) == [2500, 2500]
     marker = json.loads((out / "_markers" / "big.parquet.json").read_text())
     assert sorted(marker["files"]) == [str(f) for f in files] and marker["rows"] == n

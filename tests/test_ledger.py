@@ -102,6 +102,51 @@ def test_driver_sigkill_chaos_then_rerun_is_exactly_once(ray_cluster, tmp_path, 
     assert summary["inputs"] == summary["ok"] == len(expected)
 
 
+def _durable_rows(out: Path) -> int:
+    """Rows in the output's data files now (files come and go while compaction runs)."""
+    rows = 0
+    for path in out.glob("shard=*/*.parquet"):
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except (FileNotFoundError, OSError):
+            pass  # compacted away between the listing and the read
+    return rows
+
+
+def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_cluster, tmp_path, tiny_models, photos):
+    """Rows become durable as they are computed and shards are marked as they complete, not at the end."""
+    n_shards, per_shard = 40, 40
+    expected = make_shards(tmp_path / "in", photos, n_shards=n_shards, per_shard=per_shard)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "jobs.annotate", "--input", str(tmp_path / "in"), "--output", str(out),
+           "--model", str(tiny_models["opt"]), "--max-new-tokens", "12", "--questions", "What is it?",
+           "--batch-size", "32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timeline = []  # (seconds, durable rows, marked shards)
+    started = time.monotonic()
+    while proc.poll() is None:
+        rows, marked = _durable_rows(out), len(markers(out))
+        timeline.append((round(time.monotonic() - started, 1), rows, marked))
+        if rows >= 0.6 * len(expected):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    stdout, _ = proc.communicate(timeout=60)
+    print("seconds, durable rows, marked shards:", timeline[::5], timeline[-1])
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before 60% of its rows were durable:\n{stdout[-2000:]}"
+    done_before = markers(out)
+    assert len(done_before) >= n_shards / 3, timeline[-1]
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards_skipped_as_done"] == len(done_before)
+    assert summary["rows_this_run"] == len(expected) - sum(m["rows"] for m in done_before.values())
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+
+
 def test_data_written_but_marker_missing_is_redone_without_duplicates(ray_cluster, tmp_path, tiny_models, photos):
     expected = make_shards(tmp_path / "in", photos, n_shards=3, per_shard=4)
     out = tmp_path / "out"

@@ -7,9 +7,9 @@ and, as an upper bound on their entropy, 8-14 words drawn at random from real
 English prose (the standard library's docstrings);
 three questions with answers of 1-3 words,
 ids like a WebDataset run on S3's, and prints bytes per row for files of
-2,048 rows (one write batch), 10,000 rows (one img2dataset shard) and
+256 rows (one write: a model batch on GPU), 10,000 rows (one img2dataset shard) and
 100,000 rows (the default max_rows_per_file), then the time compaction takes
-for one 10,000-row shard written in batches of 2,048 rows.
+for one 10,000-row shard written in model batches of 256 rows.
 
     python tools/measure_file_sizes.py
 """
@@ -95,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print("captions | rows per file | bytes per row | file size")
         for style in ("template", "prose"):
-            for n in (2_048, 10_000, 100_000):
+            for n in (256, 10_000, 100_000):
                 path = f"{tmp}/{style}-{n}.parquet"
                 write_parquet_atomic(fs, path, rows(n, rng, shard=n % 997, style=style), local=True)
                 size = fs.size(path)
@@ -104,8 +104,8 @@ def main() -> None:
         output = OutputSpec(url=f"{tmp}/out")
         table = rows(10_000, rng, shard=1, style="prose")
         files = {}
-        for start in range(0, table.num_rows, 2_048):
-            part = table.slice(start, 2_048)
+        for start in range(0, table.num_rows, 256):
+            part = table.slice(start, 256)
             path = file_path(output, output.url, "s", "r1", part.column(schema.ID).to_pylist())
             write_parquet_atomic(fs, path, part, local=True)
             files[path] = part.num_rows

@@ -40,11 +40,6 @@ from workers.readers import read_shard
 from workers.replica import Blip2Replica, FastPath
 from workers.writer import write_rows
 
-# Rows per write task at most: the grain at which rows become durable.  Small,
-# so few computed rows wait for a full batch; a shard's small files are
-# compacted to max_rows_per_file when it completes (workers/ledger.py).
-WRITE_BATCH_ROWS = 2_048
-WRITE_CPUS = 0.25
 DECODE_TASK_MEMORY = 512 * 1024**2
 
 
@@ -166,15 +161,18 @@ def build_dataset(
             "passthrough": cfg.input.passthrough_columns,
             "run_id": run_id,
         },
-        batch_size=min(cfg.output.max_rows_per_file, WRITE_BATCH_ROWS),
+        # Each block the model stage emits is written as it arrives, so rows are
+        # durable seconds after they are computed and shard markers follow all
+        # through a run.  A fixed batch size here made rows wait for a full batch
+        # (on a 48-shard run, every marker came in the last seconds); a shard's
+        # small files are compacted to max_rows_per_file when it completes.
+        batch_size=None,
         batch_format="pyarrow",
-        # Writing a batch is a Parquet encode of a few hundred KB and one PUT:
-        # a quarter of a CPU each, at most a couple of writes in flight per
-        # replica (a replica at 1,000 images/s fills a batch every 2 s).
-        # The cap also bounds what Ray Data reserves for this stage, which it
-        # otherwise takes from decoding (on a 4-CPU box: one decode task
-        # instead of two).
-        num_cpus=WRITE_CPUS,
+        # No CPU reservation: a write is a Parquet encode of a few hundred rows and
+        # one PUT.  With one, Ray Data's budget held writes back while decoding
+        # took every CPU (backpressured:tasks(ResourceBudget)) and nothing became
+        # durable until the inputs ran out.  The cap bounds writes in flight.
+        num_cpus=0,
         compute=TaskPoolStrategy(size=max(2, 2 * res.replicas_max)),
     )
     return ds

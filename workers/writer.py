@@ -146,7 +146,11 @@ def write_parquet_atomic(fs, path: str, table: pa.Table, local: bool) -> None:
 def write_rows(
     batch: pa.Table, output: OutputSpec, storage: StorageOptions, passthrough: tuple[str, ...], run_id: str
 ) -> pa.Table:
-    """Ray Data UDF: write ``batch``'s rows, return one report row per file and per shard end."""
+    """Ray Data UDF: write ``batch``'s rows, return one report row per file and per shard end.
+
+    A shard's rows in the batch become one file, or several of at most
+    ``output.max_rows_per_file`` rows.
+    """
     reports: list[dict[str, Any]] = []
     is_end = pc.equal(batch.column(schema.STATUS), schema.STATUS_SHARD_END)
     for end in batch.filter(is_end).to_pylist():
@@ -164,14 +168,16 @@ def write_rows(
                 # The partition value lives in the directory name, as hive readers expect.
                 part = part.drop_columns([PARTITION_COLUMN])
             part = part.sort_by(schema.ID)
-            path = file_path(output, root, shard, run_id, part.column(schema.ID).to_pylist())
-            write_parquet_atomic(fs, path, part, local)
-            counts = count_statuses(part)
-            reports.append(
-                {"shard": shard, "file": path, "rows": counts["rows"], "ok": counts["ok"],
-                 "errors": json.dumps(counts["errors"], sort_keys=True), "shard_rows": None,
-                 "source": None}
-            )  # fmt: skip
+            for start in range(0, part.num_rows, output.max_rows_per_file):
+                chunk = part.slice(start, output.max_rows_per_file)
+                path = file_path(output, root, shard, run_id, chunk.column(schema.ID).to_pylist())
+                write_parquet_atomic(fs, path, chunk, local)
+                counts = count_statuses(chunk)
+                reports.append(
+                    {"shard": shard, "file": path, "rows": counts["rows"], "ok": counts["ok"],
+                     "errors": json.dumps(counts["errors"], sort_keys=True), "shard_rows": None,
+                     "source": None}
+                )  # fmt: skip
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
