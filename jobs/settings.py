@@ -234,7 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, R2, ...); credentials: standard AWS chain")
     g.add_argument("--region")
     g.add_argument("--anon", action="store_true", help="anonymous S3 access (public buckets)")
-    g.add_argument("--retry-attempts", type=int, help="attempts per S3 request (adaptive backoff)")
+    g.add_argument("--retry-attempts", type=int, help="retries per S3 request after the first (adaptive backoff)")
     return p
 
 

@@ -35,6 +35,9 @@ class FaultyProxy:
         # "GET /bucket/key" entries answered 503 every time, whatever the schedule: an outage of
         # those objects, past every retry.  Tests add and remove entries while the proxy runs.
         self.outage: set[str] = set()
+        # "GET /bucket/key" -> how many more requests to it get 503 before it is served: a burst of
+        # consecutive faults on one object.
+        self.failures_left: Counter[str] = Counter()
         self._lock = threading.Lock()
         proxy = self
 
@@ -62,7 +65,7 @@ class FaultyProxy:
                 kind = "LIST" if self.command == "GET" and "list-type" in self.path else self.command
                 what = f"{self.command} {self.path.split('?', 1)[0]}"
                 proxy._count_path(what)
-                fault = "503" if what in proxy.outage else proxy._next_fault(kind)
+                fault = "503" if what in proxy.outage or proxy._take_failure(what) else proxy._next_fault(kind)
                 if fault == "503":
                     proxy._count(f"{kind} 503")
                     self.send_response(503)
@@ -111,6 +114,13 @@ class FaultyProxy:
         if not self.every or n % self.every:
             return None
         return "503" if (n // self.every) % 2 else "drop"
+
+    def _take_failure(self, what: str) -> bool:
+        with self._lock:
+            if self.failures_left[what] <= 0:
+                return False
+            self.failures_left[what] -= 1
+            return True
 
     def _count_path(self, what: str) -> None:
         with self._lock:

@@ -56,15 +56,47 @@ def test_protocols_and_join():
     assert path == "bucket/key" and fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:1"
 
 
+def test_s3_clients_retry_adaptively_as_documented():
+    """retry_attempts counts retries after the first attempt: 10 (the default) allows 11 attempts."""
+    for retries, attempts in ((10, 11), (1, 2)):
+        fs, _ = filesystem_for("s3://bucket/key", StorageOptions(endpoint_url="http://127.0.0.1:1",
+                                                                 retry_attempts=retries))  # fmt: skip
+        fs.connect()
+        assert fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": attempts}
+
+
 def test_flaky_endpoint_list_read_write_are_retried(s3_endpoint, s3_bucket):
     with FaultyProxy(s3_endpoint, every=3) as proxy:
         fs, root = filesystem_for(f"s3://{s3_bucket}/f", StorageOptions(endpoint_url=proxy.url))
         fs.invalidate_cache()
         for i in range(12):
             fs.pipe_file(f"{root}/{i:02d}.bin", bytes([i]) * 1000)
-        assert len(fs.ls(root, refresh=True)) == 12
+        for _ in range(6):  # listing meets both faults too
+            assert len(fs.ls(root, refresh=True)) == 12
         assert all(fs.cat_file(f"{root}/{i:02d}.bin") == bytes([i]) * 1000 for i in range(12))
     assert proxy.faults["PUT 503"] and proxy.faults["PUT drop"] and proxy.faults["GET 503"] + proxy.faults["GET drop"]
+    assert proxy.faults["LIST 503"] and proxy.faults["LIST drop"], proxy.faults
+
+
+@pytest.mark.parametrize("retry_attempts", [10, 0], ids=["ours", "botocore-retries-off"])
+def test_a_burst_longer_than_s3fs_absorbs_is_ridden_out_by_botocore_retries(s3_endpoint, s3_bucket, retry_attempts):
+    """s3fs makes 5 tries of its own; five 503s in a row on one object beat them unless botocore retries too."""
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).pipe_file(f"{s3_bucket}/burst.bin", b"x" * 100)
+    with FaultyProxy(s3_endpoint, every=0) as proxy:
+        proxy.failures_left[f"GET /{s3_bucket}/burst.bin"] = 5
+        # retry_attempts=0 is what StorageOptions refuses; build it as botocore would get it.
+        storage = StorageOptions(endpoint_url=proxy.url)
+        options = storage.fsspec_options()
+        options["config_kwargs"]["retries"]["max_attempts"] = retry_attempts
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        if retry_attempts:
+            assert fs.cat_file(f"{s3_bucket}/burst.bin") == b"x" * 100
+        else:
+            with pytest.raises(OSError):
+                fs.cat_file(f"{s3_bucket}/burst.bin")
+    assert proxy.faults["GET 503"] == 5
 
 
 @pytest.mark.slow

@@ -63,9 +63,10 @@ class StorageOptions:
     region: str | None = None
     anon: bool = False
 
-    # botocore's own retries, per request: "adaptive" backs off exponentially on
-    # 5xx, throttling (SlowDown) and dropped connections, and rate-limits the
-    # client while S3 throttles.  Ten attempts ride out minutes-long brownouts.
+    # botocore's own retries, per request, after its first attempt (botocore's
+    # max_attempts: 10 retries are 11 attempts): "adaptive" backs off
+    # exponentially on 5xx, throttling (SlowDown) and dropped connections, and
+    # rate-limits the client while S3 throttles; this rides out minutes-long brownouts.
     retry_attempts: int = 10
 
     def __post_init__(self) -> None:
