@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -59,7 +58,8 @@ def photo_shards(photos: dict[str, np.ndarray], n_shards: int, per_shard: int) -
     return shards
 
 
-def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models, photos):
+def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models, photos,
+                                              tmp_path):  # fmt: skip
     """The issue's scenario: ``python -m jobs.annotate`` as a process, S3 in, S3 out, two questions."""
     fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
     shards = photo_shards(photos, n_shards=3, per_shard=4)
@@ -84,7 +84,7 @@ def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucke
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "annotated 12 images from 3 shards" in proc.stdout
 
-    local = Path(os.environ.get("TMPDIR", "/tmp")) / f"dl-{s3_bucket}"
+    local = tmp_path / "download"  # pytest removes it: nothing is left in the system temp dir
     fs.get(f"{s3_bucket}/out/", str(local), recursive=True)
     got = duckdb.sql(
         f"SELECT shard, key, caption, answers, status, txt FROM read_parquet('{local}/**/*.parquet', "
