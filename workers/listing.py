@@ -76,7 +76,7 @@ class ShardRef:
         """
         if not self.files:
             return self.uri
-        digest = hashlib.sha1("\n".join(self.files).encode()).hexdigest()[:16]
+        digest = _digest("\n".join(self.files))
         return f"{self.uri}#{len(self.files)}:{digest}"
 
 
