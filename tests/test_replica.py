@@ -158,6 +158,40 @@ def test_fidelity_to_plain_generate(tiny_models, references, images, flavor, cap
     assert sum(bool(c) for c in captions) >= len(captions) // 2, captions
 
 
+GENERATION_VARIANTS = {
+    "beams": GenerationSpec(max_new_tokens=8, num_beams=3),
+    "beams-length-penalty": GenerationSpec(max_new_tokens=8, num_beams=3, length_penalty=0.4),
+    "repetition-penalty": GenerationSpec(max_new_tokens=8, repetition_penalty=1.3),
+    # The tiny OPT ends its rocket caption after 4 tokens and answer after 2: a minimum of 6 changes them.
+    "min-new-tokens": GenerationSpec(max_new_tokens=8, min_new_tokens=6),
+}
+
+
+@pytest.mark.parametrize("flavor", ["opt", "t5"])
+@pytest.mark.parametrize("variant", sorted(GENERATION_VARIANTS))
+def test_generation_settings_beyond_greedy_match_plain_generate(tiny_models, images, flavor, variant):
+    """Beam search (which switches the prefix cache off), penalties and min_new_tokens == the plain recipe's text."""
+    generation = GENERATION_VARIANTS[variant]
+    ref = Reference(tiny_models[flavor], generation)
+    names = sorted(images)
+    arrays = [images[n] for n in names]
+    replica = make_replica(tiny_models[flavor], generation=generation, questions=QUESTIONS[:1])
+    out = replica(model_input_table(arrays, ref.height, ref.width))
+    captions = out.column(schema.CAPTION).to_pylist()
+    answers = out.column(schema.ANSWERS).to_pylist()
+    greedy = Reference(tiny_models[flavor], GenerationSpec(max_new_tokens=8))
+    question = f"Question: {QUESTIONS[0]} Answer:"
+    differs = 0
+    for i, rgb in enumerate(arrays):
+        caption, answer = ref(rgb, None)[0], ref(rgb, question)[0]
+        assert captions[i] == caption, (flavor, variant, names[i])
+        assert answers[i][0]["answer"] == answer, (flavor, variant, names[i])
+        differs += (caption, answer) != (greedy(rgb, None)[0], greedy(rgb, question)[0])
+    # The tiny T5 never ends within 8 tokens, so a minimum length cannot change its output.
+    if not (variant == "min-new-tokens" and flavor == "t5"):
+        assert differs, f"{variant} gives greedy's output on every image: the comparison would show nothing"
+
+
 @pytest.mark.parametrize("flavor", ["opt", "t5"])
 def test_per_row_questions(tiny_models, references, images, flavor):
     ref = references[flavor]
