@@ -17,13 +17,17 @@ from workers.config import GenerationSpec, ModelSpec, PromptSpec
 from workers.decode import pixels_from_table
 from workers.model_store import ModelLoadError, ModelUnavailableError
 from workers.replica import (
+    CPU_GENERATION_BATCH,
+    GPU_MAX_GENERATION_BATCH,
     Blip2Replica,
     FastPath,
+    generation_chunk,
     is_out_of_memory,
     make_normalizer,
     normalization_table,
     normalize_pixels,
     normalize_with_table,
+    padded_batch,
     resolve_dtype,
     usable_gpu_bytes,
 )
@@ -530,6 +534,41 @@ def test_replica_pixel_values_match_the_processor(tiny_models, images, reference
             ]
         )
         assert np.array_equal(got, expected)
+
+
+def test_auto_dtype_follows_the_gpu_generation():
+    """bf16 where the GPU has it (A100, H100, L40S), fp16 on older ones (T4, V100), fp32 on CPU; names win."""
+    cuda = torch.device("cuda")  # a device object needs no GPU: only its facts are passed in
+    assert resolve_dtype("auto", cuda, bf16_supported=True) == torch.bfloat16
+    assert resolve_dtype("auto", cuda, bf16_supported=False) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu"), bf16_supported=True) == torch.float32
+    assert resolve_dtype("float16", cuda, bf16_supported=True) == torch.float16
+    assert resolve_dtype("float32", cuda, bf16_supported=True) == torch.float32
+
+
+def _chunk(**facts) -> int:
+    return generation_chunk(**{"on_gpu": True, "free_bytes": 0, "bytes_per_sequence": 1, "fixed": None, "cap": None,
+                               "compile": False, **facts})  # fmt: skip
+
+
+def test_generation_chunk_is_sized_from_free_gpu_memory():
+    mib = 1024**2
+    assert _chunk(free_bytes=300 * mib, bytes_per_sequence=2 * mib) == 150
+    assert _chunk(free_bytes=80 * 1024 * mib, bytes_per_sequence=2 * mib) == GPU_MAX_GENERATION_BATCH  # a cap
+    assert _chunk(free_bytes=mib, bytes_per_sequence=2 * mib) == 1  # never zero: a lone sequence may still fit
+    assert _chunk(free_bytes=300 * mib, bytes_per_sequence=2 * mib, cap=40) == 40  # after an out-of-memory error
+    assert _chunk(free_bytes=300 * mib, bytes_per_sequence=2 * mib, fixed=64) == 64  # the setting wins
+    assert _chunk(fixed=64, cap=16) == 16
+    assert _chunk(on_gpu=False, free_bytes=300 * mib) == CPU_GENERATION_BATCH
+
+
+def test_compiled_batches_are_padded_within_the_memory_sized_chunk():
+    assert [padded_batch(n) for n in (1, 2, 3, 5, 8, 9, 150)] == [1, 2, 4, 8, 8, 16, 256]
+    for free in range(1, 3000, 7):
+        chunk = _chunk(free_bytes=free, bytes_per_sequence=1, compile=True)
+        assert padded_batch(chunk) == chunk <= free  # a full chunk is not padded past what fits
+        assert all(padded_batch(n) <= chunk for n in range(1, chunk + 1))
+    assert _chunk(free_bytes=150, compile=True, on_gpu=False) == CPU_GENERATION_BATCH  # no compile on CPU
 
 
 def test_usable_gpu_memory_respects_a_shared_gpu():

@@ -77,6 +77,8 @@ __all__ = [
     "FastPath",
     "ModelLoadError",
     "resolve_dtype",
+    "generation_chunk",
+    "padded_batch",
     "normalize_pixels",
     "normalization_table",
     "normalize_with_table",
@@ -152,6 +154,35 @@ def usable_gpu_bytes(free: int, total: int, reserved: int, allocated: int, share
     return max(0, int(available * GPU_MEMORY_FRACTION))
 
 
+def generation_chunk(
+    *, on_gpu: bool, free_bytes: int, bytes_per_sequence: int, fixed: int | None, cap: int | None, compile: bool
+) -> int:
+    """Sequences per ``generate`` call.
+
+    ``fixed`` (the generation_batch setting) wins; else on a GPU as many as
+    ``free_bytes`` holds at ``bytes_per_sequence`` (at least 1, at most
+    :data:`GPU_MAX_GENERATION_BATCH`), on CPU :data:`CPU_GENERATION_BATCH`.
+    Never above ``cap`` (the size known to fit after an out-of-memory error).
+    With ``compile`` on a GPU, rounded down to a power of two, so that
+    :func:`padded_batch` of it stays within the memory-sized chunk.
+    """
+    if fixed:
+        chunk = fixed
+    elif on_gpu:
+        chunk = int(min(GPU_MAX_GENERATION_BATCH, max(1, free_bytes // max(1, bytes_per_sequence))))
+    else:
+        chunk = CPU_GENERATION_BATCH
+    chunk = min(chunk, cap) if cap else chunk
+    if compile and on_gpu:
+        chunk = 1 << (chunk.bit_length() - 1)
+    return chunk
+
+
+def padded_batch(n: int) -> int:
+    """The batch a compiled ``generate`` runs for ``n`` sequences: the next power of two (few shapes to compile)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator (or host) out-of-memory error.
 
@@ -169,16 +200,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
-def resolve_dtype(name: str, device: Any):
+def resolve_dtype(name: str, device: Any, bf16_supported: bool | None = None):
     """The torch dtype for ``ModelSpec.dtype`` on ``device``.
 
     ``auto``: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU.
+    ``bf16_supported`` defaults to asking ``torch.cuda`` (tests pass the device fact).
     """
     import torch
 
     if name == "auto":
         if getattr(device, "type", str(device)) == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if bf16_supported is None:
+                bf16_supported = torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if bf16_supported else torch.float16
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
@@ -450,19 +484,16 @@ class Blip2Replica:
         return int(per_layer * 2 + tokens * vc.hidden_size * 4 * 3)
 
     def _generation_chunk(self, input_len: int) -> int:
-        if self.fast.generation_batch:
-            chunk = self.fast.generation_batch
-        elif self.device.type == "cuda":
-            fit = self._free_gpu_bytes() // max(1, self._bytes_per_sequence(input_len))
-            chunk = int(min(GPU_MAX_GENERATION_BATCH, max(1, fit)))
-        else:
-            chunk = CPU_GENERATION_BATCH
-        chunk = min(chunk, self._generation_cap) if self._generation_cap else chunk
-        if self.fast.compile and self.device.type == "cuda":
-            # _generate pads a chunk up to a power of two; rounding down here keeps
-            # the padded batch within the memory-sized (or user-capped) chunk.
-            chunk = 1 << (chunk.bit_length() - 1)
-        return chunk
+        on_gpu = self.device.type == "cuda"
+        sized = on_gpu and not self.fast.generation_batch
+        return generation_chunk(
+            on_gpu=on_gpu,
+            free_bytes=self._free_gpu_bytes() if sized else 0,
+            bytes_per_sequence=self._bytes_per_sequence(input_len) if sized else 1,
+            fixed=self.fast.generation_batch,
+            cap=self._generation_cap,
+            compile=self.fast.compile,
+        )
 
     def _vision_chunk(self, n: int) -> int:
         if self.fast.vision_batch:
@@ -552,7 +583,7 @@ class Blip2Replica:
         n = len(prompts)
         if self.fast.compile and self.device.type == "cuda":
             # Few distinct batch shapes, so few recompilations: pad to a power of two with copies.
-            padded = 1 << max(0, (n - 1).bit_length())
+            padded = padded_batch(n)
             if padded > n:
                 prefix = torch.cat([prefix, prefix[:1].expand(padded - n, -1, -1)])
                 prompts = list(prompts) + [prompts[0]] * (padded - n)
