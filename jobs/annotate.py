@@ -65,8 +65,8 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"annotated {summary['rows_this_run']} images from {summary['shards_this_run']} shards in "
         f"{summary['wall_time_s']:.1f}s ({summary['images_per_s']:.1f} images/s){redone}; "
         f"skipped {summary['rows_skipped_as_done']} images in {summary['shards_skipped_as_done']} shards "
-        f"already done; output holds {summary['inputs']} images: {summary['ok']} ok, "
-        f"{summary['errors']} errors ({errors}); output {summary['output']}"
+        f"already done; of {summary['inputs']} listed images {summary['ok']} ok, {summary['errors']} errors "
+        f"({errors}); output {summary['output']} holds {summary['output_rows']} images"
     )
 
 
@@ -155,6 +155,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "rows_skipped_as_done": sum(m["rows"] for m in plan.done.values()),
         "shards_redone": {reason: len(names) for reason, names in sorted(plan.redone.items())},
         "orphan_markers": len(plan.orphan_markers),
+        "output_rows": rows + plan.orphan_rows,  # also the rows of completed shards no longer listed
         "changed_folders": len(plan.changed_folders),
         "stray_files_removed": plan.removed_files,
         "listing": asdict(listing),

@@ -479,3 +479,27 @@ def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_
 def _s3_markers(fs, bucket: str) -> dict[str, dict]:
     fs.invalidate_cache()
     return {p.rsplit("/", 1)[1][: -len(".json")]: json.loads(fs.cat_file(p)) for p in fs.ls(f"{bucket}/out/_markers")}
+
+
+def test_inputs_that_change_between_runs(ray_cluster, tmp_path, tiny_models, photos):
+    """A tar deleted keeps its rows (an orphan marker); a tar added is the only thing the next run computes."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    expected = make_shards(inp, photos, n_shards=3, per_shard=2)
+    cmd = ["--input", str(inp), "--output", str(out), "--model", str(tiny_models["opt"]), "--max-new-tokens", "2"]
+    assert main(cmd) == 0
+    first = markers(out)
+
+    (inp / "0001.tar").unlink()
+    assert main(cmd) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["orphan_markers"], summary["rows_this_run"], summary["shards"]) == (1, 0, 2)
+    assert (summary["inputs"], summary["output_rows"]) == (4, 6)
+    assert sorted(output_ids(out)) == sorted(expected)  # its rows are kept
+    assert markers(out) == first
+
+    write_tar(inp / "0009.tar", [("0009_000.jpg", jpeg_bytes(photos["rocket"][:80, :80]))])
+    assert main(cmd) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["rows_this_run"], summary["shards_this_run"], summary["shards_skipped_as_done"]) == (1, 1, 2)
+    assert sorted(output_ids(out)) == sorted(expected | {f"{inp / '0009.tar'}::0009_000"})
+    assert {name: m for name, m in markers(out).items() if name != "0009.tar"} == first

@@ -107,6 +107,7 @@ class ResumePlan:
     done: dict[str, dict[str, Any]]  # shard name -> marker payload
     removed_files: int = 0
     orphan_markers: list[str] = field(default_factory=list)  # done shards no longer in the input listing
+    orphan_rows: int = 0  # their rows, which stay in the output
     changed_folders: list[str] = field(default_factory=list)  # image folders redone because their files changed
     # Completed shards redone by this run, by reason: "input_changed",
     # "read_failed" (a shard-level read error), "retry_errors" (transient error rows).
@@ -201,7 +202,9 @@ class ShardLedger:
         changed = self._drop_changed_folders(markers, shards, files_by_shard)
         shard_names = [s.name for s in shards]
         listed = set(shard_names)
-        plan = ResumePlan(done={}, orphan_markers=sorted(set(markers) - listed), changed_folders=changed)
+        orphans = sorted(set(markers) - listed)
+        plan = ResumePlan(done={}, orphan_markers=orphans, changed_folders=changed,
+                          orphan_rows=sum(markers[name].get("rows") or 0 for name in orphans))  # fmt: skip
         if plan.orphan_markers:
             log.warning("%d completed shards are not in the input listing any more (e.g. %s); their rows stay",
                         len(plan.orphan_markers), plan.orphan_markers[:3])  # fmt: skip
