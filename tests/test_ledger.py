@@ -339,23 +339,38 @@ def test_unpartitioned_shard_names_that_prefix_each_other_stay_apart(tmp_path):
     assert set(plan.done) == {"a-1"} and Path(f_a1).exists() and not Path(f_a).exists()
 
 
-def test_resume_reconciles_files_with_markers(tmp_path):
-    out = OutputSpec(url=str(tmp_path / "o"))
-    ledger = ShardLedger(out, StorageOptions(), "r1")
+@pytest.mark.parametrize("on_s3", [False, True], ids=["local", "s3"])
+def test_resume_reconciles_files_with_markers(tmp_path, request, on_s3):
+    """Stray files, a marker whose data is gone and a torn marker, on local disk and on the moto bucket alike."""
+    if on_s3:
+        storage = request.getfixturevalue("s3_storage")
+        out = OutputSpec(url=f"s3://{request.getfixturevalue('s3_bucket')}/o")
+    else:
+        storage, out = StorageOptions(), OutputSpec(url=str(tmp_path / "o"))
+    ledger = ShardLedger(out, storage, "r1")
+    fs, root = ledger.fs, ledger.root
     ledger.prepare("resume", {"v": 1}, _refs("a", "b", "c"))
-    fa = _touch(tmp_path / "o" / "shard=a" / "part-r1-1.parquet")
-    fb = _touch(tmp_path / "o" / "shard=b" / "part-r1-2.parquet")
-    fc = _touch(tmp_path / "o" / "shard=c" / "part-r1-3.parquet")
+
+    def put(name: str) -> str:
+        path = f"{root}/{name}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"PAR1")
+        return path
+
+    fa, fb, fc = put("shard=a/part-r1-1.parquet"), put("shard=b/part-r1-2.parquet"), put("shard=c/part-r1-3.parquet")
     for shard, f in (("a", fa), ("b", fb), ("c", fc)):
         _complete_shard(ledger, shard, [f])
-    late = _touch(tmp_path / "o" / "shard=a" / "part-zombie-9.parquet")  # landed after a's marker
-    Path(fb).unlink()  # b's marker survives its data (an interrupted delete)
-    (tmp_path / "o" / "_markers" / "c.json").write_text("{not json")  # a torn marker
-    plan = ShardLedger(out, StorageOptions(), "r2").prepare("resume", {"v": 1}, _refs("a", "b", "c"))
+    late = put("shard=a/part-zombie-9.parquet")  # landed after a's marker
+    fs.rm(fb)  # b's marker survives its data (an interrupted delete)
+    fs.pipe_file(f"{root}/_markers/c.json", b"{not json")  # a torn marker
+    fs.invalidate_cache()
+    plan = ShardLedger(out, storage, "r2").prepare("resume", {"v": 1}, _refs("a", "b", "c"))
+    fs.invalidate_cache()
     assert set(plan.done) == {"a"}
-    assert not Path(late).exists() and Path(fa).exists()
-    assert not (tmp_path / "o" / "_markers" / "b.json").exists()
-    assert not Path(fc).exists()  # c is redone from scratch
+    assert not fs.exists(late) and fs.exists(fa)
+    assert not fs.exists(f"{root}/_markers/b.json")
+    assert not fs.exists(fc)  # c is redone from scratch
+    assert plan.removed_files == 2  # the zombie and c's file
 
 
 def test_a_late_report_for_a_complete_shard_is_ignored_or_removed(tmp_path):
