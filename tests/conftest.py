@@ -19,8 +19,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Fake credentials for moto, set before Ray starts so workers inherit them
 # through the standard AWS chain, exactly as real credentials would reach them.
-os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+# Distinctive, so a test can search logs and job records for them.
+FAKE_AWS_CREDENTIALS = ("AKIDBLIP2TESTKEYID7F3A", "blip2-fake-secret-9c1e4b77d2")
+os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_AWS_CREDENTIALS
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -30,6 +31,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> tuple[str, str]:
+    """The fake access key id and secret every process of the test session has in its environment."""
+    return FAKE_AWS_CREDENTIALS
 
 
 @pytest.fixture(scope="session")

@@ -273,7 +273,8 @@ def two_node_cluster():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models):
+def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models,
+                                           aws_credentials):  # fmt: skip
     """``ray job submit --working-dir .`` on a head + worker cluster: shards, weights and output on S3.
 
     The job reaches SUCCEEDED, writes one row per image, ``ray job logs``
@@ -355,6 +356,20 @@ def test_ray_job_submit_on_two_node_cluster(two_node_cluster, s3_endpoint, s3_bu
     assert (pkg / "jobs" / "annotate.py").is_file() and (pkg / "workers" / "pipeline.py").is_file()
     assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
     assert sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) < 20 * 2**20
+
+    # The nodes had S3 credentials in their environment (the AWS chain); none of them reached a log,
+    # the job's record or its output.
+    records = json.dumps([job, *_state(dashboard, "tasks"), *_state(dashboard, "actors")]) + submitted.stdout + logs
+    scanned = 0
+    for path in [p for p in temp.rglob("*") if p.is_file() and "runtime_resources" not in p.parts]:
+        text = path.read_bytes()
+        scanned += 1
+        for secret in aws_credentials:
+            assert secret.encode() not in text, f"{secret[:6]}... found in {path}"
+    assert scanned > 20  # the session's logs were there to search
+    for secret in aws_credentials:
+        assert secret not in records
+        assert not any(secret in str(v) for v in table.to_pylist())
 
 
 # --------------------------------------------------------------------------- 2. autoscaling
