@@ -38,6 +38,7 @@ class FaultyProxy:
         # "GET /bucket/key" -> how many more requests to it get 503 before it is served: a burst of
         # consecutive faults on one object.
         self.failures_left: Counter[str] = Counter()
+        self.signed: Counter[bool] = Counter()  # requests with / without an Authorization header
         self._lock = threading.Lock()
         proxy = self
 
@@ -65,6 +66,8 @@ class FaultyProxy:
                 kind = "LIST" if self.command == "GET" and "list-type" in self.path else self.command
                 what = f"{self.command} {self.path.split('?', 1)[0]}"
                 proxy._count_path(what)
+                with proxy._lock:
+                    proxy.signed["Authorization" in self.headers] += 1
                 fault = "503" if what in proxy.outage or proxy._take_failure(what) else proxy._next_fault(kind)
                 if fault == "503":
                     proxy._count(f"{kind} 503")

@@ -6,6 +6,7 @@ BLIP-2 actor -> Parquet) and reads the output back.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -204,6 +205,37 @@ def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_mod
             assert row["caption"] == reference(rgb, "a photo of")[0], (flavor, key)
             for qa, question in zip(row["answers"], QUESTIONS, strict=True):
                 assert qa == {"question": question, "answer": reference(rgb, f"Question: {question} Answer:")[0]}
+
+
+def test_question_template_and_no_caption_from_a_public_bucket_with_anon(ray_cluster, s3_endpoint, s3_bucket,
+                                                                         tiny_models, photos, tmp_path):  # fmt: skip
+    """--question-template shapes every prompt, --no-caption leaves captions null, --anon sends unsigned requests
+    (which the store answers only for a public object)."""
+    import boto3
+    from faulty_proxy import FaultyProxy
+
+    names = sorted(photos)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").put_object(
+        Bucket=s3_bucket, Key="in/a.tar", ACL="public-read",
+        Body=tar_bytes([(f"{n}.jpg", jpeg_bytes(photos[n])) for n in names]),
+    )  # fmt: skip
+    template, question = "Q: {q} A:", "what is this?"
+    with FaultyProxy(s3_endpoint, every=0) as proxy:
+        code = main(
+            ["--input", f"s3://{s3_bucket}/in/", "--output", str(tmp_path / "out"), "--endpoint-url", proxy.url,
+             "--anon", "--model", str(tiny_models["opt"]), "--no-caption", "--questions", question,
+             "--question-template", template, "--max-new-tokens", str(MAX_NEW), "--decode-mode", "exact"]
+        )  # fmt: skip
+    assert code == 0
+    assert proxy.signed[False] > 0 and proxy.signed[True] == 0, proxy.signed  # not one request carried credentials
+    rows = {r["key"]: r for r in read_output(str(tmp_path / "out"))}
+    reference = Reference(tiny_models["opt"], GenerationSpec(max_new_tokens=MAX_NEW))
+    assert sorted(rows) == names
+    for name in names:
+        assert rows[name]["caption"] is None
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg_bytes(photos[name]))).convert("RGB"))
+        assert rows[name]["answers"] == [{"question": question, "answer": reference(rgb, "Q: what is this? A:")[0]}]
+    assert len({r["answers"][0]["answer"] for r in rows.values()}) > 1  # answers depend on the image
 
 
 def test_offline_default_model_fails_fast_with_fix(tmp_path, capsys):
