@@ -80,6 +80,7 @@ def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucke
         "--passthrough-columns", "txt",
         "--max-new-tokens", str(MAX_NEW),
         "--batch-size", "4",
+        "--decode-mode", "exact",  # so every caption and answer can be held against the plain recipe
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,11 +96,19 @@ def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucke
         (name, member[0].rsplit(".", 1)[0]) for name, members in shards.items() for member in members[::2]
     )
     assert [(row[0], row[1]) for row in got] == expected  # exactly one row per input image
-    for _shard, _key, caption, answers, status, txt in got:
+    by_ext: dict[str, dict[tuple[str, str], bytes]] = {"txt": {}, "jpg": {}}
+    for name, ms in shards.items():
+        for member, data in ms:
+            key, ext = member.rsplit(".", 1)
+            by_ext[ext.lower()][(name, key)] = data
+    reference = Reference(tiny_models["opt"], GenerationSpec(max_new_tokens=MAX_NEW))
+    for shard, key, caption, answers, status, txt in got:
+        rgb = np.asarray(Image.open(io.BytesIO(by_ext["jpg"][(shard, key)])).convert("RGB"))
         assert status == "ok"
-        assert isinstance(caption, str)
-        assert [a["question"] for a in answers] == QUESTIONS
-        assert txt.startswith("orig caption ")
+        assert caption == reference(rgb, None)[0], (shard, key)
+        assert answers == [{"question": q, "answer": reference(rgb, f"Question: {q} Answer:")[0]} for q in QUESTIONS]
+        assert txt == by_ext["txt"][(shard, key)].decode()
+    assert len({row[2] for row in got}) > 1  # captions depend on the image
     partitions = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/") if "shard=" in p)
     assert partitions == [f"shard={name}" for name in sorted(shards)]
     summary = json.loads(fs.cat(f"{s3_bucket}/out/_summary.json"))

@@ -120,7 +120,8 @@ def test_summary_dict_round_trips_without_secrets():
     cfg = build_config({"input": ["s3://b/i/"], "output": "s3://b/o/", "endpoint_url": "http://127.0.0.1:1"})
     d = cfg.to_dict()
     assert d["storage"]["endpoint_url"] == "http://127.0.0.1:1"
-    assert isinstance(cfg, AnnotateConfig)
+    assert (d["input"]["urls"], d["output"]["url"], d["storage"]["anon"]) == (("s3://b/i/",), "s3://b/o/", False)
+    assert AnnotateConfig(**{k: type(getattr(cfg, k))(**v) for k, v in d.items()}) == cfg  # round trip
     flat = repr(d).lower()
     assert "secret" not in flat and "access_key" not in flat
 
