@@ -3,6 +3,7 @@ and bit-identity with transformers' BLIP image processor."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -594,10 +595,29 @@ def test_decode_batch_never_raises_on_garbage(photos):
         named.append((f"flip{i}", bytes(damaged)))
         named.append((f"cut{i}", bytes(source[: int(rng.integers(0, len(source)))])))
         named.append((f"noise{i}", rng.integers(0, 256, size=int(rng.integers(1, 2000)), dtype=np.uint8).tobytes()))
-    out = decode_batch(_reader_table(named), DecodeSpec(mode="exact", height=16, width=16))
+    spec = DecodeSpec(mode="exact", height=16, width=16)
+    out = decode_batch(_reader_table(named), spec)
     assert out.num_rows == len(named)
     assert set(out.column(schema.STATUS).to_pylist()) <= {schema.STATUS_OK, schema.STATUS_ERROR}
     assert set(out.column(schema.ERROR_KIND).to_pylist()) - {None} <= set(ERROR_KINDS)
+    got = dict(zip([n for n, _ in named], out.column(schema.ERROR_KIND).to_pylist(), strict=True))
+    for name, data in named:
+        # The verdict per input: what decoding that file alone says, in the batch too ...
+        try:
+            decode_image(data, spec)
+            alone = None
+        except DecodeError as e:
+            alone = e.kind
+        assert got[name] == alone, (name, len(data))
+        # ... and what the damage implies.
+        if name.startswith("noise"):
+            assert got[name] == schema.NOT_AN_IMAGE, name  # no image signature in random bytes
+        elif name.startswith("cut") and not data:
+            assert got[name] == schema.EMPTY_FILE, name
+        elif name.startswith("cut"):  # a prefix of a good file: too short to identify, or visibly cut short
+            assert got[name] in (schema.NOT_AN_IMAGE, schema.TRUNCATED_IMAGE), (name, len(data))
+    verdicts = collections.Counter(got.values())
+    assert verdicts[None] and verdicts[schema.TRUNCATED_IMAGE] and verdicts[schema.NOT_AN_IMAGE], verdicts
 
 
 # ---------------------------------------------------------------- pixels_from_table
