@@ -29,8 +29,6 @@ from shards import tar_bytes
 from jobs.annotate import main
 from workers.config import GenerationSpec
 
-pytestmark = pytest.mark.slow
-
 QUESTIONS = ["What is in the picture?", "What colour is it?"]
 MAX_NEW = 6
 
@@ -59,6 +57,7 @@ def photo_shards(photos: dict[str, np.ndarray], n_shards: int, per_shard: int) -
     return shards
 
 
+@pytest.mark.slow
 def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucket, s3_storage, tiny_models, photos,
                                               tmp_path):  # fmt: skip
     """The issue's scenario: ``python -m jobs.annotate`` as a process, S3 in, S3 out, two questions."""
@@ -119,6 +118,7 @@ def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucke
         assert secret.encode() not in written
 
 
+@pytest.mark.slow
 def test_broken_and_odd_images_in_one_shard(ray_cluster, tmp_path, tiny_models, photos, capsys):
     cases = broken_image_cases(photos["astronaut"][:300, :260])
     members = [(f"{name}{ext}", data) for name, (ext, data, _kind) in sorted(cases.items())]
@@ -149,6 +149,7 @@ def test_broken_and_odd_images_in_one_shard(ray_cluster, tmp_path, tiny_models, 
     assert "images/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parquet_on_s3_with_passthrough_and_row_questions(ray_cluster, s3_endpoint, s3_bucket, s3_storage,
                                                           tiny_models, photos):  # fmt: skip
     fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
@@ -183,6 +184,7 @@ def test_parquet_on_s3_with_passthrough_and_row_questions(ray_cluster, s3_endpoi
         assert [a["question"] for a in row["answers"]] == expected_q
 
 
+@pytest.mark.slow
 def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_models, photos):
     """Pipeline output equals Blip2Processor + generate, one image and prompt at a time, fp32."""
     folder = tmp_path / "imgs"
@@ -216,6 +218,7 @@ def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_mod
                 assert qa == {"question": question, "answer": reference(rgb, f"Question: {question} Answer:")[0]}
 
 
+@pytest.mark.slow
 def test_question_template_and_no_caption_from_a_public_bucket_with_anon(ray_cluster, s3_endpoint, s3_bucket,
                                                                          tiny_models, photos, tmp_path):  # fmt: skip
     """--question-template shapes every prompt, --no-caption leaves captions null, --anon sends unsigned requests
@@ -259,6 +262,7 @@ def test_offline_default_model_fails_fast_with_fix(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_write_modes_resume_error_overwrite(ray_cluster, tmp_path, tiny_models, photos, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
@@ -280,6 +284,7 @@ def test_write_modes_resume_error_overwrite(ray_cluster, tmp_path, tiny_models, 
     assert len(read_output(str(tmp_path / "out"))) == 1
 
 
+@pytest.mark.slow
 def test_resume_with_different_settings_is_refused(ray_cluster, tmp_path, tiny_models, photos, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jpg").write_bytes(jpeg_bytes(photos["rocket"]))
@@ -298,6 +303,7 @@ def test_resume_with_different_settings_is_refused(ray_cluster, tmp_path, tiny_m
     assert (summary["shards_skipped_as_done"], summary["rows_this_run"], summary["inputs"]) == (1, 0, 1)
 
 
+@pytest.mark.slow
 def test_model_that_cannot_load_stops_the_job_quickly_with_the_cause(ray_cluster, tmp_path, tiny_models, photos,
                                                                      capsys):  # fmt: skip
     broken = tmp_path / "broken-model"
@@ -313,6 +319,7 @@ def test_model_that_cannot_load_stops_the_job_quickly_with_the_cause(ray_cluster
     assert "model replicas failed to start" in err and "cannot load BLIP-2" in err
 
 
+@pytest.mark.slow
 def test_a_5000_row_shard_is_written_in_files_of_max_rows_per_file(ray_cluster, tmp_path, tiny_models):
     """Rows arrive in write batches that mix shards; each shard ends as ceil(rows / max_rows_per_file) files."""
     rng = np.random.default_rng(0)

@@ -32,8 +32,6 @@ from workers.ledger import LedgerError, OutputConflictError, ShardLedger, manife
 from workers.listing import ShardRef
 from workers.writer import REPORT_SCHEMA
 
-pytestmark = pytest.mark.slow
-
 
 def make_shards(folder: Path, photos, n_shards: int, per_shard: int) -> set[str]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +63,7 @@ def driver_cmd(inp: Path, out: Path, model: Path) -> list[str]:
             "--max-new-tokens", "8", "--batch-size", "2", "--questions", "What is it?"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_driver_sigkill_chaos_then_rerun_is_exactly_once(ray_cluster, tmp_path, tiny_models, photos):
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "20261128")))
     expected = make_shards(tmp_path / "in", photos, n_shards=16, per_shard=3)
@@ -119,6 +118,7 @@ def _durable_rows(out: Path) -> int:
     return rows
 
 
+@pytest.mark.slow
 def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_cluster, tmp_path, tiny_models, photos):
     """Rows become durable as they are computed and shards are marked as they complete, not at the end."""
     n_shards, per_shard = 40, 40
@@ -153,6 +153,7 @@ def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_clust
     assert len(ids) == len(set(ids)) and set(ids) == expected
 
 
+@pytest.mark.slow
 def test_data_written_but_marker_missing_is_redone_without_duplicates(ray_cluster, tmp_path, tiny_models, photos):
     expected = make_shards(tmp_path / "in", photos, n_shards=3, per_shard=4)
     out = tmp_path / "out"
@@ -174,6 +175,7 @@ def test_data_written_but_marker_missing_is_redone_without_duplicates(ray_cluste
     assert (out / "_markers" / "0001.tar.json").exists()
 
 
+@pytest.mark.slow
 def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path, tiny_models, photos):
     expected = make_shards(tmp_path / "in", photos, n_shards=8, per_shard=4)
     out = tmp_path / "out"
@@ -267,6 +269,7 @@ def _refs(*names: str) -> list[ShardRef]:
     return [ShardRef(uri=f"file:///in/{name}.tar", format="webdataset", name=name) for name in names]
 
 
+@pytest.mark.slow
 def test_image_folder_that_changed_is_redone_whole_and_exactly_once(
     ray_cluster, tmp_path, tiny_models, photos, monkeypatch
 ):
@@ -399,6 +402,7 @@ def _rows_by_shard(out: Path) -> dict[str, list[tuple[str, str, str | None]]]:
     return got
 
 
+@pytest.mark.slow
 def test_a_shard_fixed_after_a_failed_read_is_redone_exactly_once(ray_cluster, tmp_path, tiny_models, photos, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_shards(inp, photos, n_shards=2, per_shard=3)
@@ -432,6 +436,7 @@ def test_a_shard_fixed_after_a_failed_read_is_redone_exactly_once(ray_cluster, t
     assert json.loads((out / "_summary.json").read_text())["rows_this_run"] == 0
 
 
+@pytest.mark.slow
 def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_endpoint, s3_bucket, tiny_models,
                                                                 photos):  # fmt: skip
     """A shard unreadable in an outage is redone by the next resume; a read_error row only with
@@ -496,6 +501,7 @@ def _s3_markers(fs, bucket: str) -> dict[str, dict]:
     return {p.rsplit("/", 1)[1][: -len(".json")]: json.loads(fs.cat_file(p)) for p in fs.ls(f"{bucket}/out/_markers")}
 
 
+@pytest.mark.slow
 def test_inputs_that_change_between_runs(ray_cluster, tmp_path, tiny_models, photos):
     """A tar deleted keeps its rows (an orphan marker); a tar added is the only thing the next run computes."""
     inp, out = tmp_path / "in", tmp_path / "out"
