@@ -182,20 +182,31 @@ def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.Popen(driver_cmd(tmp_path / "in", out, tiny_models["opt"]), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    def replica_pids() -> list[int]:
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        return [int(line.split()[0]) for line in ps.splitlines() if "Blip2Replica" in line and "ray::" in line]
+
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         # Kill the replica once it has done some work (a marker exists) but not all.
         if markers(out):
-            ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            pids = [int(line.split()[0]) for line in ps.splitlines() if "Blip2Replica" in line and "ray::" in line]
+            pids = replica_pids()
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed = pids[0]
+                marked_at_kill = len(markers(out))
+        time.sleep(0.05)
+    # Ray starts a new replica process, and it finishes the work that remained.
+    restarted = None
+    while restarted is None and proc.poll() is None and time.monotonic() < deadline:
+        restarted = next((pid for pid in replica_pids() if pid != killed), None)
         time.sleep(0.05)
     stdout, _ = proc.communicate(timeout=600)
     assert killed is not None, "no replica process found to kill"
     assert proc.returncode == 0, stdout[-3000:]
+    assert restarted is not None, "the job finished without a new replica: the kill did not land mid-run"
+    assert marked_at_kill < 8, "every shard was marked before the kill: no work remained for a restarted replica"
     assert sorted(output_ids(out)) == sorted(expected)
     assert len(markers(out)) == 8
 
