@@ -8,11 +8,11 @@ on loopback (as s3fs's own suite does) and ``ray.init`` starts real raylets.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 # The hub is unreachable here and in CI; every model load must be local.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -27,12 +27,6 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def aws_credentials() -> tuple[str, str]:
     """The fake access key id and secret every process of the test session has in its environment."""
@@ -44,7 +38,7 @@ def s3_endpoint() -> str:
     """URL of a moto S3 server on 127.0.0.1, alive for the whole session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

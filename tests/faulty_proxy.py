@@ -18,6 +18,13 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+# What an object in an outage or a burst answers: a server failure, not throttling.  (A SlowDown
+# would also make s3fs retry each call 5 times and botocore's adaptive mode slow the
+# whole client down, which only makes an outage test slower, not stronger.)
+INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
@@ -32,11 +39,11 @@ class FaultyProxy:
         self.requests: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()  # "GET /bucket/key" -> count, query strings dropped
         self.faults: Counter[str] = Counter()  # "GET 503", "PUT drop", ...
-        # "GET /bucket/key" entries answered 503 every time, whatever the schedule: an outage of
+        # "GET /bucket/key" entries answered 500 every time, whatever the schedule: an outage of
         # those objects, past every retry.  Tests add and remove entries while the proxy runs.
         self.outage: set[str] = set()
-        # "GET /bucket/key" -> how many more requests to it get 503 before it is served: a burst of
-        # consecutive faults on one object.
+        # "GET /bucket/key" -> how many more requests to it get 500 before it is served: a burst of
+        # consecutive server errors on one object.
         self.failures_left: Counter[str] = Counter()
         self.signed: Counter[bool] = Counter()  # requests with / without an Authorization header
         self._lock = threading.Lock()
@@ -68,14 +75,18 @@ class FaultyProxy:
                 proxy._count_path(what)
                 with proxy._lock:
                     proxy.signed["Authorization" in self.headers] += 1
-                fault = "503" if what in proxy.outage or proxy._take_failure(what) else proxy._next_fault(kind)
-                if fault == "503":
-                    proxy._count(f"{kind} 503")
-                    self.send_response(503)
+                if what in proxy.outage or proxy._take_failure(what):
+                    fault = "500"
+                else:
+                    fault = proxy._next_fault(kind)
+                if fault in ("500", "503"):
+                    proxy._count(f"{kind} {fault}")
+                    body = INTERNAL_ERROR if fault == "500" else SLOW_DOWN
+                    self.send_response(int(fault))
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    self.wfile.write(body)
                     return
                 if fault == "drop":
                     proxy._count(f"{kind} drop")

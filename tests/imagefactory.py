@@ -40,6 +40,17 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return _save(Image.fromarray(np.asarray(arr)), "PNG")
 
 
+def noise_png(seed: int, size: int = 8) -> bytes:
+    """A tiny PNG of random RGB noise: distinct bytes per ``seed``."""
+    return png_bytes(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def small_jpegs(photos: dict[str, np.ndarray], n: int) -> list[bytes]:
+    """``n`` distinct small JPEGs of real photos (a few KB each): different crops of each photo in turn."""
+    names = sorted(photos)
+    return [jpeg_bytes(photos[names[i % len(names)]][: 60 + 4 * i, : 80 + 3 * i]) for i in range(n)]
+
+
 def webp_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     return _save(Image.fromarray(np.asarray(arr, dtype=np.uint8)), "WEBP", quality=quality)
 

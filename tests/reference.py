@@ -12,17 +12,18 @@ from workers.config import GenerationSpec
 class Reference:
     """The plain recipe: Blip2Processor + Blip2ForConditionalGeneration.generate, one image and prompt at a time."""
 
-    def __init__(self, path, generation: GenerationSpec):
+    def __init__(self, path, generation: GenerationSpec, device: str = "cpu", dtype=torch.float32):
         self.generation = generation
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         self.processor = Blip2Processor.from_pretrained(path)
         size = self.processor.image_processor.size
         self.height, self.width = size["height"], size["width"]
 
     def __call__(self, rgb: np.ndarray, prompt: str | None) -> tuple[str, list[int]]:
         inputs = self.processor(images=Image.fromarray(rgb), text=prompt, return_tensors="pt")
+        inputs = inputs.to(self.model.device, self.model.dtype)  # casts pixel_values only, as the model card does
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generation.generate_kwargs())
         if self.model.config.is_encoder_decoder:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,44 +16,19 @@ import time
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from helpers import driver_env, photo_shards, read_output, tar_bytes
 from imagefactory import broken_image_cases, jpeg_bytes, png_bytes
 from PIL import Image, ImageOps
 from reference import Reference
-from shards import tar_bytes
 
 from jobs.annotate import main
 from workers.config import GenerationSpec
 
 QUESTIONS = ["What is in the picture?", "What colour is it?"]
 MAX_NEW = 6
-
-
-def read_output(url: str, storage_options: dict | None = None) -> list[dict]:
-    if url.startswith("s3://"):
-        fs = s3fs.S3FileSystem(**storage_options)
-        ds = pads.dataset(url[5:], format="parquet", partitioning="hive", filesystem=fs)
-    else:
-        ds = pads.dataset(url, format="parquet", partitioning="hive")
-    return ds.to_table().to_pylist()
-
-
-def photo_shards(photos: dict[str, np.ndarray], n_shards: int, per_shard: int) -> dict[str, list[tuple[str, bytes]]]:
-    """WebDataset shards of real photos, some members in sub-folders and upper-case extensions."""
-    names = sorted(photos)
-    shards = {}
-    for s in range(n_shards):
-        members = []
-        for i in range(per_shard):
-            arr = photos[names[(s + i) % len(names)]][: 200 + 10 * i, : 240 + 7 * s]
-            key = f"sub/{s:02d}{i:03d}" if i % 2 else f"{s:02d}{i:03d}"
-            ext = "JPG" if i % 3 == 0 else "jpg"
-            members += [(f"{key}.{ext}", jpeg_bytes(arr)), (f"{key}.txt", f"orig caption {s}-{i}".encode())]
-        shards[f"shard-{s:05d}.tar"] = members
-    return shards
 
 
 @pytest.mark.slow
@@ -67,8 +41,8 @@ def test_cli_webdataset_s3_to_s3_hive_parquet(ray_cluster, s3_endpoint, s3_bucke
         fs.pipe(f"{s3_bucket}/in/{name}", tar_bytes(members))
 
     # A distinctive secret for the driver: it must not show up in logs or output.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-           "AWS_SECRET_ACCESS_KEY": "S3cr3t-d0-not-leak", "AWS_ACCESS_KEY_ID": "AKIA-d0-not-leak"}  # fmt: skip
+    env = driver_env(ray_cluster.get_runtime_context().gcs_address,
+                     {"AWS_SECRET_ACCESS_KEY": "S3cr3t-d0-not-leak", "AWS_ACCESS_KEY_ID": "AKIA-d0-not-leak"})
     cmd = [
         sys.executable, "-m", "jobs.annotate",
         "--input", f"s3://{s3_bucket}/in/",

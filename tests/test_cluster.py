@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,8 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 import yaml
+from helpers import free_port, tar_bytes
 from kuberay_schema import schema_errors
-from shards import tar_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -51,12 +50,6 @@ SAMPLES = sorted((REPO / "samples" / "images").glob("*.jpg"))
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -166,8 +159,8 @@ def _node_args(temp: Path) -> list[str]:
     return [
         "--node-ip-address=127.0.0.1",
         "--object-store-memory=200000000",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
         f"--temp-dir={temp}",
     ]
 
@@ -178,7 +171,7 @@ def _head_args(temp: Path, port: int, dashboard_port: int) -> list[str]:
         f"--port={port}",
         f"--dashboard-port={dashboard_port}",
         "--dashboard-host=127.0.0.1",
-        f"--ray-client-server-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
         *_node_args(temp),
     ]
 
@@ -249,7 +242,7 @@ def two_node_cluster():
     _auth_token()  # generates ~/.ray/auth_token if this machine has none yet
     others = _session_raylets()
     temp = _short_tmp("rc-")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = _cluster_env()
     nodes = []
     try:
@@ -443,7 +436,7 @@ def autoscaling_cluster():
     _auth_token()
     others = _session_raylets()
     temp = _short_tmp("ra-")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     config = {
         "cluster_name": "fake-gpu",
         "max_workers": MAX_GPU_NODES,

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from helpers import driver_env, output_ids, output_table, read_markers, read_output, tar_bytes, write_tar
 from imagefactory import jpeg_bytes
-from shards import write_tar
 
 from jobs.annotate import main
 from workers import listing
@@ -48,16 +47,6 @@ def make_shards(folder: Path, photos, n_shards: int, per_shard: int) -> set[str]
     return ids
 
 
-def output_ids(out: Path) -> list[str]:
-    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table(columns=["id"])
-    return table.column("id").to_pylist()
-
-
-def markers(out: Path) -> dict[str, dict]:
-    folder = out / "_markers"
-    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")} if folder.exists() else {}
-
-
 def driver_cmd(inp: Path, out: Path, model: Path) -> list[str]:
     return [sys.executable, "-m", "jobs.annotate", "--input", str(inp), "--output", str(out), "--model", str(model),
             "--max-new-tokens", "8", "--batch-size", "2", "--questions", "What is it?"]  # fmt: skip
@@ -68,28 +57,28 @@ def test_driver_sigkill_chaos_then_rerun_is_exactly_once(ray_cluster, tmp_path, 
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "20261128")))
     expected = make_shards(tmp_path / "in", photos, n_shards=16, per_shard=3)
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = driver_env(ray_cluster.get_runtime_context().gcs_address)
     cmd = driver_cmd(tmp_path / "in", out, tiny_models["opt"])
 
     attempts = []  # (attempt, "killed" or "finished", markers when it ended)
     kills = 0
     for attempt in range(8):
-        done_before = markers(out)
+        done_before = read_markers(out)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if kills < 3:
             # Kill between markers: after this attempt's first marker, at a random moment.
-            while proc.poll() is None and len(markers(out)) <= len(done_before):
+            while proc.poll() is None and len(read_markers(out)) <= len(done_before):
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-                attempts.append((attempt, "killed", len(markers(out))))
+                attempts.append((attempt, "killed", len(read_markers(out))))
                 continue
         stdout, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout[-3000:]
-        attempts.append((attempt, "finished", len(markers(out))))
+        attempts.append((attempt, "finished", len(read_markers(out))))
         break
     else:
         pytest.fail("job did not complete")
@@ -124,7 +113,7 @@ def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_clust
     n_shards, per_shard = 40, 40
     expected = make_shards(tmp_path / "in", photos, n_shards=n_shards, per_shard=per_shard)
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = driver_env(ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "jobs.annotate", "--input", str(tmp_path / "in"), "--output", str(out),
            "--model", str(tiny_models["opt"]), "--max-new-tokens", "12", "--questions", "What is it?",
            "--batch-size", "32"]  # fmt: skip
@@ -132,7 +121,7 @@ def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_clust
     timeline = []  # (seconds, durable rows, marked shards)
     started = time.monotonic()
     while proc.poll() is None:
-        rows, marked = _durable_rows(out), len(markers(out))
+        rows, marked = _durable_rows(out), len(read_markers(out))
         timeline.append((round(time.monotonic() - started, 1), rows, marked))
         if rows >= 0.6 * len(expected):
             proc.send_signal(signal.SIGKILL)
@@ -141,7 +130,7 @@ def test_markers_follow_the_run_so_a_crash_at_60_percent_keeps_a_third(ray_clust
     stdout, _ = proc.communicate(timeout=60)
     print("seconds, durable rows, marked shards:", timeline[::5], timeline[-1])
     assert proc.returncode == -signal.SIGKILL, f"the run ended before 60% of its rows were durable:\n{stdout[-2000:]}"
-    done_before = markers(out)
+    done_before = read_markers(out)
     assert len(done_before) >= n_shards / 3, timeline[-1]
 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -179,7 +168,7 @@ def test_data_written_but_marker_missing_is_redone_without_duplicates(ray_cluste
 def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path, tiny_models, photos):
     expected = make_shards(tmp_path / "in", photos, n_shards=8, per_shard=4)
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = driver_env(ray_cluster.get_runtime_context().gcs_address)
     proc = subprocess.Popen(driver_cmd(tmp_path / "in", out, tiny_models["opt"]), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     def replica_pids() -> list[int]:
@@ -190,12 +179,12 @@ def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path
     deadline = time.monotonic() + 120
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         # Kill the replica once it has done some work (a marker exists) but not all.
-        if markers(out):
+        if read_markers(out):
             pids = replica_pids()
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed = pids[0]
-                marked_at_kill = len(markers(out))
+                marked_at_kill = len(read_markers(out))
         time.sleep(0.05)
     # Ray starts a new replica process, and it finishes the work that remained.
     restarted = None
@@ -208,7 +197,7 @@ def test_replica_killed_mid_batch_is_restarted_and_retried(ray_cluster, tmp_path
     assert restarted is not None, "the job finished without a new replica: the kill did not land mid-run"
     assert marked_at_kill < 8, "every shard was marked before the kill: no work remained for a restarted replica"
     assert sorted(output_ids(out)) == sorted(expected)
-    assert len(markers(out)) == 8
+    assert len(read_markers(out)) == 8
 
 
 # --------------------------------------------------------------------------- unit level
@@ -298,7 +287,7 @@ def test_image_folder_that_changed_is_redone_whole_and_exactly_once(
     args = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_models["opt"]),
             "--max-new-tokens", "2"]  # fmt: skip
     assert main(args) == 0
-    assert len(output_ids(out)) == 9 and len(markers(out)) == 4  # 2 + 2 chunks
+    assert len(output_ids(out)) == 9 and len(read_markers(out)) == 4  # 2 + 2 chunks
 
     for name in ("a", "e"):  # sort before and between the annotated ones: every chunk of the folder shifts
         (changing / f"{name}.jpg").write_bytes(jpeg_bytes(photos["rocket"][:64, :64]))
@@ -315,7 +304,7 @@ def test_image_folder_that_changed_is_redone_whole_and_exactly_once(
     assert main(args) == 0
     ids = output_ids(out)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 9
-    assert len(markers(out)) == 4  # no marker of a chunk that no longer exists is left behind
+    assert len(read_markers(out)) == 4  # no marker of a chunk that no longer exists is left behind
     assert json.loads((out / "_summary.json").read_text())["orphan_markers"] == 0
 
 
@@ -404,9 +393,7 @@ def test_a_late_report_for_a_complete_shard_is_ignored_or_removed(tmp_path):
 
 
 def _rows_by_shard(out: Path) -> dict[str, list[tuple[str, str, str | None]]]:
-    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table(
-        columns=["shard", "key", "status", "error_kind"]
-    )
+    table = output_table(str(out), columns=["shard", "key", "status", "error_kind"])
     got: dict[str, list] = {}
     for r in sorted(table.to_pylist(), key=lambda r: (r["shard"], r["key"])):
         got.setdefault(r["shard"], []).append((r["key"], r["status"], r["error_kind"]))
@@ -427,8 +414,8 @@ def test_a_shard_fixed_after_a_failed_read_is_redone_exactly_once(ray_cluster, t
     assert main(cmd) == 0
     first = _rows_by_shard(out)
     assert first["0001.tgz"][0] == ("", "error", "shard_unreadable")
-    assert markers(out)["0001.tgz"]["errors"].get("shard_unreadable") == 1
-    kept_marker = markers(out)["0000.tar"]
+    assert read_markers(out)["0001.tgz"]["errors"].get("shard_unreadable") == 1
+    kept_marker = read_markers(out)["0000.tar"]
 
     (inp / "0001.tgz").write_bytes(whole)  # the good file replaces it
     capsys.readouterr()
@@ -438,7 +425,7 @@ def test_a_shard_fixed_after_a_failed_read_is_redone_exactly_once(ray_cluster, t
     assert "skipped 3 images in 1 shards already done" in line, line
     again = _rows_by_shard(out)
     assert again["0001.tgz"] == [(f"0001_{i:03d}", "ok", None) for i in range(3)]  # each once, no error row
-    assert again["0000.tar"] == first["0000.tar"] and markers(out)["0000.tar"] == kept_marker  # not recomputed
+    assert again["0000.tar"] == first["0000.tar"] and read_markers(out)["0000.tar"] == kept_marker  # not recomputed
     assert sorted(output_ids(out)) == sorted(set(output_ids(out)))
     # Nothing changed since: a third run does nothing.
     summary = json.loads((out / "_summary.json").read_text())
@@ -454,7 +441,6 @@ def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_
     --retry-errors; a not_an_image row never."""
     import s3fs
     from faulty_proxy import FaultyProxy
-    from shards import tar_bytes
 
     direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     jpg = jpeg_bytes(photos["coffee"][:96, :96])
@@ -465,10 +451,9 @@ def test_outage_failures_are_retried_by_resume_and_retry_errors(ray_cluster, s3_
     out = f"s3://{s3_bucket}/out"
 
     def rows() -> dict[str, list]:
-        direct.invalidate_cache()
-        table = pads.dataset(f"{s3_bucket}/out", partitioning="hive", filesystem=direct).to_table()
         got: dict[str, list] = {}
-        for r in sorted(table.to_pylist(), key=lambda r: (r["shard"], r["key"])):
+        for r in sorted(read_output(out, {"client_kwargs": {"endpoint_url": s3_endpoint}}),
+                        key=lambda r: (r["shard"], r["key"])):  # fmt: skip
             got.setdefault(r["shard"], []).append((r["key"], r["error_kind"]))
         return got
 
@@ -519,7 +504,7 @@ def test_inputs_that_change_between_runs(ray_cluster, tmp_path, tiny_models, pho
     expected = make_shards(inp, photos, n_shards=3, per_shard=2)
     cmd = ["--input", str(inp), "--output", str(out), "--model", str(tiny_models["opt"]), "--max-new-tokens", "2"]
     assert main(cmd) == 0
-    first = markers(out)
+    first = read_markers(out)
 
     (inp / "0001.tar").unlink()
     assert main(cmd) == 0
@@ -527,11 +512,11 @@ def test_inputs_that_change_between_runs(ray_cluster, tmp_path, tiny_models, pho
     assert (summary["orphan_markers"], summary["rows_this_run"], summary["shards"]) == (1, 0, 2)
     assert (summary["inputs"], summary["output_rows"]) == (4, 6)
     assert sorted(output_ids(out)) == sorted(expected)  # its rows are kept
-    assert markers(out) == first
+    assert read_markers(out) == first
 
     write_tar(inp / "0009.tar", [("0009_000.jpg", jpeg_bytes(photos["rocket"][:80, :80]))])
     assert main(cmd) == 0
     summary = json.loads((out / "_summary.json").read_text())
     assert (summary["rows_this_run"], summary["shards_this_run"], summary["shards_skipped_as_done"]) == (1, 1, 2)
     assert sorted(output_ids(out)) == sorted(expected | {f"{inp / '0009.tar'}::0009_000"})
-    assert {name: m for name, m in markers(out).items() if name != "0009.tar"} == first
+    assert {name: m for name, m in read_markers(out).items() if name != "0009.tar"} == first

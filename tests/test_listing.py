@@ -6,18 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import write_file
 
 from workers.config import InputSpec, StorageOptions
 from workers.listing import ListingStats, ShardRef, format_of, list_shards
 
 LOCAL = StorageOptions()
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def touch(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def names(shards: list[ShardRef]) -> list[str]:
@@ -27,20 +22,20 @@ def names(shards: list[ShardRef]) -> list[str]:
 @pytest.fixture()
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "data"
-    touch(root / "0001.tar")
-    touch(root / "train" / "0002.TAR")
-    touch(root / "train" / "0003.tar.gz")
-    touch(root / "train" / "0004.Tgz")
-    touch(root / "tables" / "part-0.parquet")
-    touch(root / "cats" / "b.JPG")
-    touch(root / "cats" / "a.jpeg")
-    touch(root / "cats" / "tabby" / "c.png")
-    touch(root / "top.webp")
-    touch(root / "README.md")
-    touch(root / "train" / "0001.idx")
-    touch(root / "tables" / "_SUCCESS")
-    touch(root / ".hidden.tar")
-    touch(root / ".cache" / "x.jpg")
+    write_file(root / "0001.tar")
+    write_file(root / "train" / "0002.TAR")
+    write_file(root / "train" / "0003.tar.gz")
+    write_file(root / "train" / "0004.Tgz")
+    write_file(root / "tables" / "part-0.parquet")
+    write_file(root / "cats" / "b.JPG")
+    write_file(root / "cats" / "a.jpeg")
+    write_file(root / "cats" / "tabby" / "c.png")
+    write_file(root / "top.webp")
+    write_file(root / "README.md")
+    write_file(root / "train" / "0001.idx")
+    write_file(root / "tables" / "_SUCCESS")
+    write_file(root / ".hidden.tar")
+    write_file(root / ".cache" / "x.jpg")
     return root
 
 
@@ -154,7 +149,7 @@ def test_relative_paths_become_absolute(tree: Path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", ["missing", "nothing-*.tar"])
 def test_url_matching_nothing_raises_naming_it(tmp_path: Path, suffix: str):
-    touch(tmp_path / "ok.tar")
+    write_file(tmp_path / "ok.tar")
     url = str(tmp_path / suffix)
     with pytest.raises(FileNotFoundError, match=re.escape(url)):
         list_shards(InputSpec(urls=(str(tmp_path / "ok.tar"), url)), LOCAL)
@@ -164,15 +159,15 @@ def test_empty_directory_and_only_ignored_files_raise(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         list_shards(InputSpec(urls=(str(tmp_path / "empty"),)), LOCAL)
-    touch(tmp_path / "docs" / "notes.txt")
-    touch(tmp_path / "docs" / ".DS_Store")
+    write_file(tmp_path / "docs" / "notes.txt")
+    write_file(tmp_path / "docs" / ".DS_Store")
     with pytest.raises(FileNotFoundError, match=r"docs.*1 other file.*1 hidden"):
         list_shards(InputSpec(urls=(str(tmp_path / "docs"),)), LOCAL)
 
 
 def test_big_image_folders_are_split_into_chunks(tmp_path: Path):
     for i in range(5):
-        touch(tmp_path / "imgs" / f"{i:03d}.jpg")
+        write_file(tmp_path / "imgs" / f"{i:03d}.jpg")
     shards, stats = list_shards(InputSpec(urls=(str(tmp_path / "imgs"),)), LOCAL, images_per_shard=2)
     assert names(shards) == ["root-00000", "root-00001", "root-00002"]
     assert [len(s.files) for s in shards] == [2, 2, 1]
@@ -181,10 +176,10 @@ def test_big_image_folders_are_split_into_chunks(tmp_path: Path):
 
 
 def test_names_are_sanitised_and_unique(tmp_path: Path):
-    touch(tmp_path / "a" / "0001.tar")
-    touch(tmp_path / "b" / "0001.tar")
-    touch(tmp_path / "a" / "my photos" / "é=1" / "x.png")
-    touch(tmp_path / "a" / "my_photos" / "__1" / "y.png")
+    write_file(tmp_path / "a" / "0001.tar")
+    write_file(tmp_path / "b" / "0001.tar")
+    write_file(tmp_path / "a" / "my photos" / "é=1" / "x.png")
+    write_file(tmp_path / "a" / "my_photos" / "__1" / "y.png")
     spec = InputSpec(urls=(str(tmp_path / "a"), str(tmp_path / "b")))
     shards, _ = list_shards(spec, LOCAL)
     got = names(shards)

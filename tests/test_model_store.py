@@ -339,11 +339,29 @@ def test_non_blip2_checkpoint_is_refused(tiny_models, tmp_path):
         check_model_reachable(ModelSpec(model=str(path)), StorageOptions())
 
 
+def _replica_actors(job_hex: str) -> dict[str, dict]:
+    """The job's model replicas in the GCS actor table (the session cluster runs no dashboard
+    for the state API; ``ray._private.state`` reads the same table straight from the GCS)."""
+    import ray
+    from ray._private import state
+
+    return {
+        actor_id: info
+        for actor_id, info in state.actors(job_id=ray.JobID.from_hex(job_hex)).items()
+        if "Blip2Replica" in info["ActorClassName"]
+    }
+
+
 @pytest.mark.slow
 def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models, s3_endpoint, s3_bucket, s3_storage,
                                                         tmp_path, photos):  # fmt: skip
-    """Through the real pipeline: two model replicas on this one-node cluster, one download of the weights."""
+    """Through the real pipeline: two model replicas on this one-node cluster both load, one download of the weights.
+
+    Four input shards, so the pool has blocks to hand a second replica (one block would
+    launch one actor, and "one download" would prove nothing).
+    """
     from faulty_proxy import FaultyProxy
+    from helpers import write_tar
     from imagefactory import jpeg_bytes
 
     from jobs.annotate import main
@@ -351,8 +369,11 @@ def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models
     fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
     fs.put(str(tiny_models["opt"]) + "/", f"{s3_bucket}/models/tiny/", recursive=True)
     (tmp_path / "in").mkdir()
-    for i in range(8):
-        (tmp_path / "in" / f"{i}.jpg").write_bytes(jpeg_bytes(photos["coffee"][: 100 + i, : 100 + i]))
+    for s in range(4):
+        members = [(f"{s}{i}.jpg", jpeg_bytes(photos["coffee"][: 100 + i, : 100 + s])) for i in range(3)]
+        write_tar(tmp_path / "in" / f"{s}.tar", members)
+    job_hex = ray_cluster.get_runtime_context().get_job_id()
+    before = set(_replica_actors(job_hex))
     with FaultyProxy(s3_endpoint, every=0) as counter:
         code = main(
             ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--endpoint-url", counter.url,
@@ -360,7 +381,15 @@ def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models
              "--replicas", "2", "--cpus-per-replica", "0.5", "--batch-size", "1", "--max-new-tokens", "2"]
         )  # fmt: skip
     assert code == 0
+    replicas = {k: v for k, v in _replica_actors(job_hex).items() if k not in before}
+    print({k[:8]: (v["State"], v["Pid"], v["StartTime"], v["NumRestarts"]) for k, v in replicas.items()})
+    # Started means constructed: the GCS sets an actor's start time when its __init__
+    # (here: fetch and load the weights) has returned.
+    loaded = {k: v for k, v in replicas.items() if v["StartTime"] > 0 and v["Pid"] > 0}
+    assert len(loaded) == 2, replicas
+    assert len({v["Pid"] for v in loaded.values()}) == 2  # two processes, each with its own copy in memory
+    assert not any(v["DeathCause"].HasField("creation_task_failure_context") for v in replicas.values())
     weight_gets = counter.paths[f"GET /{s3_bucket}/models/tiny/model.safetensors"]
     assert weight_gets == 1, counter.paths
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["ok"] == 8
+    assert (summary["ok"], summary["shards"]) == (12, 4)

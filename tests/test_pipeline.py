@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
+from helpers import write_tar
 from imagefactory import jpeg_bytes
-from shards import write_tar
 
 from jobs.settings import build_config
 from workers import schema
 from workers.config import DecodeSpec
 from workers.listing import list_shards
 from workers.pipeline import build_dataset, read_shards, shard_items
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_read_stage_appends_one_shard_end_row_per_shard(tmp_path, photos):
@@ -58,3 +67,43 @@ def test_decode_runs_in_its_own_cpu_stage_not_inside_the_model_actors(
     reports = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     assert sum(reports.column("rows").to_pylist()) == 3
     assert sum(reports.column("ok").to_pylist()) == 3
+
+
+_FAKE_GPU_DRIVER = """
+import sys
+import ray
+from jobs.annotate import main
+
+# One GPU that Ray schedules but torch cannot see: what a CPU-only torch wheel on a GPU node looks like.
+ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=True)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_fractional_gpu_share_reaches_each_replica(tmp_path, tiny_models, photos):
+    """``--gpus-per-replica 0.5``: two replicas fit on one GPU, and each one plans for half of it.
+
+    Runs its own Ray (one fake GPU) in a subprocess, apart from the session cluster,
+    which has none.  Each replica says which share it got when torch cannot use the
+    GPU it was given, so the share is read back from what each replica process printed.
+    """
+    (tmp_path / "in").mkdir()
+    for s in range(4):
+        write_tar(tmp_path / "in" / f"{s}.tar", [(f"{s}{i}.jpg", jpeg_bytes(photos["rocket"][: 80 + i, : 90 + s]))
+                                                 for i in range(3)])  # fmt: skip
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_models["opt"]),
+            "--replicas", "2", "--gpus-per-replica", "0.5", "--cpus-per-replica", "0.5",
+            "--batch-size", "1", "--max-new-tokens", "2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _FAKE_GPU_DRIVER, *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO_ROOT)  # fmt: skip
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # Ray colours the worker prefix
+    assert proc.returncode == 0, output[-4000:]
+    said = re.findall(r"pid=(\d+)\) .*Ray assigned this replica ([\d.]+) of GPU (\S+), but torch", output)
+    print(said)
+    assert {share for _pid, share, _gpu in said} == {"0.50"}, output[-4000:]
+    assert len({pid for pid, _share, _gpu in said}) == 2  # both replicas, one GPU between them
+    assert {gpu for _pid, _share, gpu in said} == {"0"}
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["ok"], summary["gpus_per_replica"]) == (12, 0.5)

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import parquet_bytes, tar_bytes, write_file
+from imagefactory import jpeg_bytes, noise_png
 from PIL import Image
 
 from workers.config import InputSpec, StorageOptions
@@ -30,45 +32,10 @@ def jpegs() -> dict[str, bytes]:
     """Small real JPEGs (skimage photos, downscaled so the tests stay fast)."""
     from skimage import data
 
-    out = {}
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = Image.fromarray(getattr(data, name)()).resize((48, 32))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        out[name] = buf.getvalue()
-    return out
-
-
-def png(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def tar_bytes(members: list[tuple], compress: str = "") -> bytes:
-    """members: (name, bytes) for files, or (name, kind, target) with kind sym|lnk|dir|fifo."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=f"w:{compress}", format=tarfile.GNU_FORMAT) as tf:
-        for entry in members:
-            info = tarfile.TarInfo(entry[0])
-            if isinstance(entry[1], bytes):
-                info.size = len(entry[1])
-                tf.addfile(info, io.BytesIO(entry[1]))
-                continue
-            kind = entry[1]
-            info.type = {"sym": tarfile.SYMTYPE, "lnk": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE}.get(
-                kind, tarfile.FIFOTYPE
-            )
-            info.linkname = entry[2] if len(entry) > 2 else ""
-            tf.addfile(info)
-    return buf.getvalue()
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    return {
+        name: jpeg_bytes(np.asarray(Image.fromarray(getattr(data, name)()).resize((48, 32))), quality=85)
+        for name in ("astronaut", "coffee", "chelsea", "rocket")
+    }
 
 
 def shard_for(path: Path, fmt: str = "webdataset", name: str = "s0") -> ShardRef:
@@ -113,11 +80,11 @@ def test_tar_samples_keys_passthrough_and_upper_case(tmp_path: Path, jpegs):
         ("a/b/x.json", b'{"w": 48}'),  # key "a/b/x" too: same sample
         ("IMG_7.JPG", jpegs["coffee"]),
         ("IMG_7.TXT", "café".encode()),
-        ("c.png", png(1)),
+        ("c.png", noise_png(1)),
         ("c.cls", b"3"),
         ("c.pth", b"\x80\x04K\x03."),  # a pickle: never loaded
     ]
-    path = write(tmp_path / "shard-0.tar", tar_bytes(members))
+    path = write_file(tmp_path / "shard-0.tar", tar_bytes(members))
     spec = spec_for(path, passthrough_columns=("txt", "json", "cls"))
     rows = read_rows(shard_for(path, name="shard-0.tar"), spec)
     assert [r["key"] for r in rows] == ["a/b/x", "IMG_7", "c"]
@@ -129,29 +96,29 @@ def test_tar_samples_keys_passthrough_and_upper_case(tmp_path: Path, jpegs):
     assert x["txt"] is None  # its extension is "0001.txt", not "txt"
     assert x["json"] == '{"w": 48}'
     assert img7["image"] == jpegs["coffee"] and img7["txt"] == "café"
-    assert c["image"] == png(1) and c["cls"] == "3" and c["txt"] is None
+    assert c["image"] == noise_png(1) and c["cls"] == "3" and c["txt"] is None
     assert all(r["row_questions"] is None for r in rows)
 
 
 @pytest.mark.parametrize("suffix,compress", [(".tar.gz", "gz"), (".TGZ", "gz"), (".tar", "")])
 def test_compressed_tars(tmp_path: Path, jpegs, suffix: str, compress: str):
     members = [(f"{i:04d}.jpg", jpegs[n]) for i, n in enumerate(["rocket", "chelsea"])]
-    path = write(tmp_path / f"s{suffix}", tar_bytes(members, compress))
+    path = write_file(tmp_path / f"s{suffix}", tar_bytes(members, compress))
     rows = read_rows(shard_for(path), spec_for(path))
     assert [(r["key"], r["image"]) for r in rows] == [("0000", jpegs["rocket"]), ("0001", jpegs["chelsea"])]
 
 
 def test_batches_are_bounded_and_ordered(tmp_path: Path):
-    members = [(f"{i:03d}.png", png(i)) for i in range(5)]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    members = [(f"{i:03d}.png", noise_png(i)) for i in range(5)]
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     tables = list(read_shard(shard_for(path), spec_for(path), LOCAL, batch_rows=2))
     assert [t.num_rows for t in tables] == [2, 2, 1]
     assert [k for t in tables for k in t.column("key").to_pylist()] == ["000", "001", "002", "003", "004"]
 
 
 def test_first_image_member_wins_and_directories_are_skipped(tmp_path: Path, jpegs):
-    members = [("d", "dir"), ("d/x.jpg", jpegs["rocket"]), ("d/x.png", png(2)), ("d/x.webp", b"never")]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    members = [("d", "dir"), ("d/x.jpg", jpegs["rocket"]), ("d/x.png", noise_png(2)), ("d/x.webp", b"never")]
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path))
     assert [(r["key"], r["image"]) for r in rows] == [("d/x", jpegs["rocket"])]
 
@@ -166,7 +133,7 @@ def test_questions_member(tmp_path: Path, jpegs):
         ("c.questions.json", b"[1, 2]"),
         ("d.jpg", jpegs["astronaut"]),
     ]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path, questions_column="questions"))
     assert [r["row_questions"] for r in rows] == [
         ["what is it?", "what colour?"],
@@ -206,7 +173,7 @@ def test_links_devices_and_unsafe_names(tmp_path: Path, jpegs):
         ("inner/../../up.jpg", jpegs["chelsea"]),
         ("ok2.jpg", jpegs["astronaut"]),
     ]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path, passthrough_columns=("txt",)))
     assert kinds(rows) == [
         ("ok1", None),
@@ -230,11 +197,11 @@ def test_links_devices_and_unsafe_names(tmp_path: Path, jpegs):
 
 
 def test_oversized_member_is_not_read(tmp_path: Path, jpegs):
-    small = png(3)
+    small = noise_png(3)
     big = jpegs["astronaut"]
     assert len(small) < 300 < len(big)
     members = [("a.png", small), ("b.jpg", big), ("c.png", small), ("c.txt", b"x" * 400), ("d.png", small)]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path, max_member_bytes=300, passthrough_columns=("txt",)))
     assert kinds(rows) == [("a", None), ("b", "member_too_large"), ("c", "member_too_large"), ("d", None)]
     assert str(len(big)) in rows[1]["error"]
@@ -242,9 +209,10 @@ def test_oversized_member_is_not_read(tmp_path: Path, jpegs):
 
 
 def test_duplicate_keys_get_error_rows_with_distinct_ids(tmp_path: Path):
-    members = [("a.png", png(1)), ("b.png", png(2)), ("a.png", png(3)), ("a.txt", b"x"), ("c.png", png(4))]
-    members += [("a.png", png(5)), ("a.png", png(6))]  # consecutive: one sample, first image wins
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    members = [("a.png", noise_png(1)), ("b.png", noise_png(2)), ("a.png", noise_png(3)), ("a.txt", b"x"),
+               ("c.png", noise_png(4))]  # fmt: skip
+    members += [("a.png", noise_png(5)), ("a.png", noise_png(6))]  # consecutive: one sample, first image wins
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path))  # read_rows asserts the ids are unique
     assert kinds(rows) == [
         ("a", None),
@@ -253,7 +221,7 @@ def test_duplicate_keys_get_error_rows_with_distinct_ids(tmp_path: Path):
         ("c", None),
         ("a#dup3", "duplicate_key"),
     ]
-    assert rows[0]["image"] == png(1)
+    assert rows[0]["image"] == noise_png(1)
     assert rows[2]["image"] is None and "'a'" in rows[2]["error"]
 
 
@@ -263,17 +231,17 @@ def test_samples_without_an_image_are_ignored(tmp_path: Path):
         ("model.pyd", b"MZ\x90\x00"),
         ("label.cls", b"1"),
         ("label.txt", b"text only"),
-        ("img.png", png(5)),
+        ("img.png", noise_png(5)),
     ]
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path, passthrough_columns=("txt",)))
     assert kinds(rows) == [("img", None)]
-    only_pickle = write(tmp_path / "p.tar", tar_bytes(members[:2]))
+    only_pickle = write_file(tmp_path / "p.tar", tar_bytes(members[:2]))
     assert list(read_shard(shard_for(only_pickle), spec_for(only_pickle), LOCAL)) == []
 
 
 def test_zero_byte_shard(tmp_path: Path):
-    path = write(tmp_path / "empty.tar", b"")
+    path = write_file(tmp_path / "empty.tar", b"")
     rows = read_rows(shard_for(path, name="empty.tar"), spec_for(path))
     assert len(rows) == 1
     (row,) = rows
@@ -283,7 +251,7 @@ def test_zero_byte_shard(tmp_path: Path):
 
 @pytest.mark.parametrize("payload", [b"this is not a tar file at all" * 40, gzip.compress(b"not a tar" * 200)])
 def test_not_a_tar(tmp_path: Path, payload: bytes):
-    path = write(tmp_path / "bogus.tar", payload)
+    path = write_file(tmp_path / "bogus.tar", payload)
     rows = read_rows(shard_for(path), spec_for(path))
     assert kinds(rows) == [("", "shard_unreadable")]
     assert rows[0]["error"].startswith("ReadError")
@@ -299,22 +267,22 @@ def test_missing_shard_file(tmp_path: Path):
 def test_truncated_tar_keeps_complete_samples(tmp_path: Path):
     members = []
     for i in range(4):
-        members += [(f"{i}.png", png(i) + b"\0" * 2000), (f"{i}.txt", f"caption {i}".encode())]
+        members += [(f"{i}.png", noise_png(i) + b"\0" * 2000), (f"{i}.txt", f"caption {i}".encode())]
     data = tar_bytes(members)
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         cut = tf.getmember("2.png").offset_data + 100  # inside sample 2's image
-    path = write(tmp_path / "cut.tar", data[:cut])
+    path = write_file(tmp_path / "cut.tar", data[:cut])
     rows = read_rows(shard_for(path), spec_for(path, passthrough_columns=("txt",)))
     assert kinds(rows) == [("0", None), ("1", None), ("", "shard_unreadable")]
     assert [r["txt"] for r in rows[:2]] == ["caption 0", "caption 1"]
-    assert rows[1]["image"] == png(1) + b"\0" * 2000
+    assert rows[1]["image"] == noise_png(1) + b"\0" * 2000
     assert "ReadError" in rows[2]["error"] and "unexpected end of data" in rows[2]["error"]
 
 
 def test_truncated_gzip_tar(tmp_path: Path):
     members = [(f"{i:02d}.png", np.random.default_rng(i).bytes(3000)) for i in range(10)]
     data = tar_bytes(members, "gz")
-    path = write(tmp_path / "cut.tar.gz", data[: len(data) // 2])
+    path = write_file(tmp_path / "cut.tar.gz", data[: len(data) // 2])
     rows = read_rows(shard_for(path), spec_for(path))
     assert rows[-1]["error_kind"] == "shard_unreadable"
     good = rows[:-1]
@@ -440,11 +408,11 @@ def test_parquet_hf_image_struct_key_column_and_questions(tmp_path: Path, jpegs)
 
 
 def test_parquet_explicit_image_column_and_string_questions(tmp_path: Path):
-    table = pa.table({"pixels": [png(1), png(2)], "q": ['["a?"]', "b?\nc?"], "jpg": ["not", "bytes"]})
+    table = pa.table({"pixels": [noise_png(1), noise_png(2)], "q": ['["a?"]', "b?\nc?"], "jpg": ["not", "bytes"]})
     path = tmp_path / "x.parquet"
     pq.write_table(table, path)
     rows = read_rows(shard_for(path, "parquet"), spec_for(path, image_column="pixels", questions_column="q"))
-    assert [(r["image"], r["row_questions"]) for r in rows] == [(png(1), ["a?"]), (png(2), ["b?", "c?"])]
+    assert [(r["image"], r["row_questions"]) for r in rows] == [(noise_png(1), ["a?"]), (noise_png(2), ["b?", "c?"])]
 
 
 def test_parquet_without_image_column(tmp_path: Path):
@@ -455,24 +423,24 @@ def test_parquet_without_image_column(tmp_path: Path):
     assert "url: string" in rows[0]["error"] and "jpg: string" in rows[0]["error"]
     rows = read_rows(shard_for(path, "parquet"), spec_for(path, image_column="img"))
     assert kinds(rows) == [("", "missing_image_column")] and "'img' not found" in rows[0]["error"]
-    pq.write_table(pa.table({"jpg": [png(1)]}), path)
+    pq.write_table(pa.table({"jpg": [noise_png(1)]}), path)
     rows = read_rows(shard_for(path, "parquet"), spec_for(path, key_column="name"))
     assert kinds(rows) == [("", "missing_key_column")]
 
 
 def test_unreadable_parquet(tmp_path: Path):
-    garbage = write(tmp_path / "bad.parquet", b"PAR1" + b"\x07" * 500)
+    garbage = write_file(tmp_path / "bad.parquet", b"PAR1" + b"\x07" * 500)
     rows = read_rows(shard_for(garbage, "parquet"), spec_for(garbage))
     assert kinds(rows) == [("", "shard_unreadable")]
     assert rows[0]["id"] == f"{garbage}::"
     assert rows[0]["error"].startswith("ArrowInvalid")
-    empty = write(tmp_path / "empty.parquet", b"")
+    empty = write_file(tmp_path / "empty.parquet", b"")
     assert kinds(read_rows(shard_for(empty, "parquet"), spec_for(empty))) == [("", "empty_shard")]
 
 
 def test_parquet_failing_mid_file_keeps_earlier_rows(tmp_path: Path):
     path = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"jpg": [png(i) for i in range(6)]}), path, row_group_size=2)
+    pq.write_table(pa.table({"jpg": [noise_png(i) for i in range(6)]}), path, row_group_size=2)
     meta = pq.ParquetFile(path).metadata
     rg = meta.row_group(2).column(0)
     start = rg.dictionary_page_offset or rg.data_page_offset
@@ -489,12 +457,12 @@ def test_parquet_failing_mid_file_keeps_earlier_rows(tmp_path: Path):
 
 def test_image_folder_rows(tmp_path: Path, jpegs):
     root = tmp_path / "photos"
-    write(root / "b.jpg", jpegs["rocket"])
-    write(root / "A.PNG", png(1))
-    write(root / "big.jpg", b"\xff" * 100_000)
-    write(root / "zero.webp", b"")
-    write(root / "gone.jpg", b"deleted after listing")
-    write(root / "sub" / "c.jpeg", jpegs["coffee"])
+    write_file(root / "b.jpg", jpegs["rocket"])
+    write_file(root / "A.PNG", noise_png(1))
+    write_file(root / "big.jpg", b"\xff" * 100_000)
+    write_file(root / "zero.webp", b"")
+    write_file(root / "gone.jpg", b"deleted after listing")
+    write_file(root / "sub" / "c.jpeg", jpegs["coffee"])
     shards, _ = list_shards(spec_for(root), LOCAL)
     (root / "gone.jpg").unlink()
     spec = spec_for(root, max_member_bytes=99_999, passthrough_columns=("txt",))
@@ -508,7 +476,7 @@ def test_image_folder_rows(tmp_path: Path, jpegs):
         ("zero.webp", "empty_file"),
     ]
     assert rows[0]["id"] == f"{root}/A.PNG::A.PNG" and rows[0]["source"] == f"{root}/A.PNG"
-    assert rows[0]["shard"] == "root" and rows[0]["image"] == png(1)
+    assert rows[0]["shard"] == "root" and rows[0]["image"] == noise_png(1)
     assert rows[1]["image"] == jpegs["rocket"] and rows[1]["txt"] is None
     assert "FileNotFoundError" in rows[3]["error"]
     sub_rows = read_rows(sub, spec)
@@ -526,12 +494,10 @@ def test_s3_round_trip(s3_endpoint: str, s3_bucket: str, s3_storage: StorageOpti
     def put(key: str, body: bytes) -> None:
         s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
 
-    put("in/wds/000.tar", tar_bytes([("x/a.jpg", jpegs["rocket"]), ("x/a.txt", b"rocket"), ("b.png", png(7))]))
+    put("in/wds/000.tar", tar_bytes([("x/a.jpg", jpegs["rocket"]), ("x/a.txt", b"rocket"), ("b.png", noise_png(7))]))
     put("in/wds/001.tar.gz", tar_bytes([("c.jpg", jpegs["coffee"])], "gz"))
     put("in/wds/002.tar", b"")
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"png": [png(8)], "key": ["k8"], "txt": ["eight"]}), buf)
-    put("in/pq/part.parquet", buf.getvalue())
+    put("in/pq/part.parquet", parquet_bytes(pa.table({"png": [noise_png(8)], "key": ["k8"], "txt": ["eight"]})))
     put("in/imgs/cat.jpg", jpegs["chelsea"])
     put("in/imgs/empty.jpg", b"")
     put("in/imgs/large.jpg", b"y" * 5000)
@@ -558,9 +524,9 @@ def test_s3_round_trip(s3_endpoint: str, s3_bucket: str, s3_storage: StorageOpti
     images = {r["id"].split("::")[1]: r["image"] for r in rows if r["status"] == "ok"}
     assert images == {
         "imgs/cat.jpg": jpegs["chelsea"],
-        "k8": png(8),
+        "k8": noise_png(8),
         "x/a": jpegs["rocket"],
-        "b": png(7),
+        "b": noise_png(7),
         "c": jpegs["coffee"],
     }
     missing = ShardRef(uri=f"{base}/wds/404.tar", format="webdataset", name="404.tar", root=base)
@@ -568,15 +534,15 @@ def test_s3_round_trip(s3_endpoint: str, s3_bucket: str, s3_storage: StorageOpti
 
 
 def test_non_utf8_and_dot_slash_member_names(tmp_path: Path):
-    members = [("./x.png", png(1)), ("caf\udce9.png", png(2))]  # a Latin-1 byte in the name
-    path = write(tmp_path / "s.tar", tar_bytes(members))
+    members = [("./x.png", noise_png(1)), ("caf\udce9.png", noise_png(2))]  # a Latin-1 byte in the name
+    path = write_file(tmp_path / "s.tar", tar_bytes(members))
     rows = read_rows(shard_for(path), spec_for(path))
-    assert [(r["key"], r["image"]) for r in rows] == [("x", png(1)), ("caf\ufffd", png(2))]
+    assert [(r["key"], r["image"]) for r in rows] == [("x", noise_png(1)), ("caf\ufffd", noise_png(2))]
 
 
 def test_parquet_empty_key_is_missing_key(tmp_path: Path):
     path = tmp_path / "k.parquet"
-    pq.write_table(pa.table({"jpg": [png(1), png(2)], "k": ["", "b"]}), path)
+    pq.write_table(pa.table({"jpg": [noise_png(1), noise_png(2)], "k": ["", "b"]}), path)
     rows = read_rows(shard_for(path, "parquet"), spec_for(path, key_column="k"))
     assert kinds(rows) == [("000000000", "missing_key"), ("b", None)]
     assert "empty" in rows[0]["error"]

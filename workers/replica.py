@@ -200,6 +200,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+def ray_gpu_ids() -> list:
+    """GPU ids Ray assigned to this process; empty outside a Ray worker or without ray installed."""
+    try:
+        import ray
+    except ImportError:
+        return []
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+
+
 def resolve_dtype(name: str, device: Any, bf16_supported: bool | None = None):
     """The torch dtype for ``ModelSpec.dtype`` on ``device``.
 
@@ -321,6 +330,15 @@ class Blip2Replica:
             raise ModelLoadError(f"cannot get model {model.model!r}: {type(exc).__name__}: {exc}") from exc
         self.revision = model_revision(self.model_dir, model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gpu_ids = ray_gpu_ids()
+        if gpu_ids and self.device.type != "cuda":
+            # Most often a CPU-only torch wheel on a GPU node: the job still runs,
+            # but at CPU speed, so say it where `ray job logs` shows it.
+            log.warning(
+                "Ray assigned this replica %.2f of GPU %s, but torch %s sees no CUDA device; running on CPU. "
+                "Install a CUDA build of torch on the GPU nodes.",
+                self.fast.gpu_share, ",".join(map(str, gpu_ids)), torch.__version__,
+            )  # fmt: skip
         self.dtype = resolve_dtype(model.dtype, self.device)
         self._load()
 
