@@ -88,6 +88,8 @@ def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, A
                   # Which columns become keys when key_column is unset: part of every row's id.
                   "key_column_auto": [] if cfg.input.key_column else list(KEY_COLUMN_CANDIDATES)},
         "decode": {"max_image_pixels": cfg.decode.max_image_pixels, "mode": cfg.decode.mode},
+        # Which frames become rows, and how videos are cut into shards (their names).
+        "video": asdict(cfg.video),
         "output": {"partition_by": cfg.output.partition_by},
         "code_version": code_version(),
     }  # fmt: skip
@@ -110,7 +112,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     decode_spec = replace(
         cfg.decode, height=model_info["height"], width=model_info["width"], resample=model_info["resample"]
     )
-    shards, listing = list_shards(cfg.input, cfg.storage)
+    shards, listing = list_shards(cfg.input, cfg.storage, video=cfg.video)
     log.info("found %d shards (%s)", len(shards), listing)
 
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -24,6 +24,7 @@ from workers.config import (
     CPU_BATCH_SIZE,
     DECODE_MODES,
     DTYPES,
+    FRAME_SAMPLINGS,
     GPU_BATCH_SIZE,
     INPUT_FORMATS,
     PARTITION_BY,
@@ -38,6 +39,7 @@ from workers.config import (
     PromptSpec,
     ResourceSpec,
     StorageOptions,
+    VideoSpec,
 )
 
 SECTIONS: dict[str, type] = {
@@ -47,6 +49,7 @@ SECTIONS: dict[str, type] = {
     "prompts": PromptSpec,
     "generation": GenerationSpec,
     "decode": DecodeSpec,
+    "video": VideoSpec,
     "resources": ResourceSpec,
     "storage": StorageOptions,
 }
@@ -60,6 +63,8 @@ RENAMED: dict[str, tuple[str, str]] = {
     "model": ("model", "model"),
     "model_cache_dir": ("model", "cache_dir"),
     "decode_mode": ("decode", "mode"),
+    "video_span_seconds": ("video", "span_seconds"),
+    "video_split_above_bytes": ("video", "split_above_bytes"),
 }
 # Decode size/resample come from the model's preprocessor config, not users.
 NOT_SETTABLE = {("decode", "height"), ("decode", "width"), ("decode", "resample")}
@@ -192,6 +197,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--decode-mode", choices=DECODE_MODES, help="fast (default; JPEG DCT scaling) or exact (= BlipImageProcessor)"
     )
+    g = p.add_argument_group("video")
+    g.add_argument("--frame-sampling", choices=FRAME_SAMPLINGS, help="which frames of a video become rows")
+    g.add_argument("--frame-interval", type=float, help="seconds between sampled frames (default 1.0)")
+    g.add_argument("--max-scene-seconds", type=float, help="scene: longer shots also get a frame every interval")
+    g.add_argument("--scene-threshold", type=float, help="scene: luma-histogram change that counts as a cut")
+    g.add_argument("--max-frames-per-video", type=int, help="then one frame_limit_reached row")
+    g.add_argument("--video-span-seconds", type=float, help="large videos are split into shards of this length")
+    g.add_argument("--video-split-above-bytes", type=int, help="videos this large are probed and split into spans")
     g = p.add_argument_group("output")
     g.add_argument("--output", help="output URL (local path or s3://)")
     g.add_argument("--partition-by", choices=PARTITION_BY)

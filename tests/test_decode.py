@@ -538,9 +538,11 @@ def test_decode_batch_output_schema(cases):
     out = decode_batch(_reader_table([("jpeg", cases["jpeg"][1])]), SPEC)
     names = out.column_names
     assert schema.IMAGE not in names
-    assert names[-3:] == [schema.PIXELS, schema.WIDTH, schema.HEIGHT]
+    frame_columns = [f.name for f in schema.FRAME_FIELDS]
+    assert names[-6:] == [schema.PIXELS, schema.WIDTH, schema.HEIGHT, *frame_columns]
     expected_front = [f.name for f in schema.READ_FIELDS if f.name != schema.IMAGE] + ["caption_src"]
-    assert names[:-3] == expected_front
+    assert names[:-6] == expected_front
+    assert all(out.column(name).null_count == out.num_rows for name in frame_columns)  # an image is no frame
     assert out.schema.field(schema.WIDTH).type == pa.int32()
     assert out.schema.field(schema.HEIGHT).type == pa.int32()
     assert isinstance(out.schema.field(schema.PIXELS).type, pa.ExtensionType)

@@ -305,8 +305,9 @@ def _tensor_array(pixels: np.ndarray) -> pa.ExtensionArray:
 
 
 def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
-    """Decode a reader batch.  Same rows, same order; ``image`` is replaced by
-    ``pixels`` (tensor column), ``width`` and ``height`` (int32, null on error rows).
+    """Decode a reader batch of images.  Same rows, same order; ``image`` is replaced by
+    ``pixels`` (tensor column), ``width`` and ``height`` (int32, null on error rows),
+    and the video frame columns (null: see :func:`decoded_table`).
 
     Rows whose status is not ``ok`` pass through untouched (pixels all zero).
     Rows that fail to decode become error rows with :class:`DecodeError`'s kind.
@@ -347,6 +348,21 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         schema.ERROR_KIND: pa.array(kinds, type=batch.schema.field(schema.ERROR_KIND).type),
         schema.ERROR: pa.array(errors, type=batch.schema.field(schema.ERROR).type),
     }
+    return decoded_table(batch, replaced, pixels, widths, heights)
+
+
+def decoded_table(
+    batch: pa.Table,
+    replaced: dict[str, pa.Array],
+    pixels: np.ndarray,
+    widths: list[int | None],
+    heights: list[int | None],
+    frames: dict[str, list] | None = None,
+) -> pa.Table:
+    """The decode stage's output schema, for images and video frames alike: ``batch``'s
+    columns without ``image`` (those in ``replaced`` swapped in), then ``pixels``,
+    ``width``, ``height`` and the frame columns (null unless ``frames`` gives them)."""
+    n = batch.num_rows
     fields: list[pa.Field] = []
     arrays: list[pa.Array | pa.ChunkedArray] = []
     for field in batch.schema:
@@ -360,9 +376,21 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         pa.field(schema.PIXELS, tensor.type),
         pa.field(schema.WIDTH, pa.int32()),
         pa.field(schema.HEIGHT, pa.int32()),
+        *schema.FRAME_FIELDS,
     ]
     arrays += [tensor, pa.array(widths, type=pa.int32()), pa.array(heights, type=pa.int32())]
+    for f in schema.FRAME_FIELDS:
+        values = (frames or {}).get(f.name)
+        arrays.append(pa.array(values, type=f.type) if values is not None else pa.nulls(n, f.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
+
+
+def resize_rgb(rgb: Image.Image, spec: DecodeSpec) -> np.ndarray:
+    """An upright RGB picture (a video frame) at the model's input size, resized as
+    :func:`decode_image` resizes: in exact mode the one PIL call BlipImageProcessor makes."""
+    reducing_gap = FAST_REDUCING_GAP if spec.mode == "fast" else None
+    resized = rgb.resize((spec.width, spec.height), resample=spec.resample, reducing_gap=reducing_gap)
+    return np.array(resized, dtype=np.uint8)
 
 
 def _chunk_to_numpy(chunk: pa.Array) -> np.ndarray:

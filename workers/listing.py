@@ -7,7 +7,11 @@ glob (``*``, ``?``, ``[...]``, ``**``) on any fsspec URL: a local path,
 * ``.tar``, ``.tar.gz``, ``.tgz`` (any case)  -> one ``webdataset`` shard each;
 * ``.parquet``                                  -> one ``parquet`` shard each;
 * ``.jpg``, ``.jpeg``, ``.png``, ``.webp``      -> ``images``, grouped into one
-  shard per directory (split into chunks of at most :data:`IMAGES_PER_SHARD`).
+  shard per directory (split into chunks of at most :data:`IMAGES_PER_SHARD`);
+* ``.mp4``, ``.mov``, ``.m4v``, ``.mkv``, ``.webm``, ``.avi`` -> one ``video``
+  shard each; one at least ``VideoSpec.split_above_bytes`` large is probed for
+  its duration and cut into spans of ``VideoSpec.span_seconds``, one shard each
+  (``<name>.t<start seconds>``), so a long film spreads over the cluster.
 
 An explicit ``InputSpec.format`` restricts this to that format's extensions.
 Anything else is ignored and counted in :class:`ListingStats`; hidden files
@@ -24,19 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import posixpath
 import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
 
-from workers.config import IMAGE_EXTENSIONS, InputSpec, StorageOptions
+from workers.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputSpec, StorageOptions, VideoSpec
 from workers.storage import filesystem_for, refuse_command_url, relative_path, unstrip
 
 WEBDATASET = "webdataset"
 PARQUET = "parquet"
 IMAGES = "images"
+VIDEO = "video"
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -46,7 +53,11 @@ IMAGES_PER_SHARD = 10_000
 # Shard names become output directory names; keep them well under NAME_MAX.
 MAX_NAME_CHARS = 120
 
-_SUFFIXES = {WEBDATASET: TAR_SUFFIXES, PARQUET: PARQUET_SUFFIXES, IMAGES: IMAGE_EXTENSIONS}
+_SUFFIXES = {WEBDATASET: TAR_SUFFIXES, PARQUET: PARQUET_SUFFIXES, IMAGES: IMAGE_EXTENSIONS, VIDEO: VIDEO_EXTENSIONS}
+# Concurrent duration probes of large videos while listing (a few ranged reads each).
+_PROBE_THREADS = 16
+# A header duration above this is not trusted for splitting (workers/video.py reads such a video whole).
+_MAX_SPLIT_SECONDS = 7 * 24 * 3600.0
 _GLOB_CHARS = ("*", "?", "[")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_EXAMPLES = 10
@@ -65,6 +76,9 @@ class ShardRef:
     # or a digest of its image files', as the listing saw them: a resume redoes
     # a completed shard whose input changed since (see workers/ledger.py).
     fingerprint: str = ""
+    # ``video`` spans: the seconds [start_s, end_s) of the file this shard covers (end_s 0: to the end).
+    start_s: float = 0.0
+    end_s: float = 0.0
 
     @property
     def content_id(self) -> str:
@@ -74,6 +88,8 @@ class ShardRef:
         removed from a folder move other images between chunks of the same
         name; the digest tells a completed chunk from a changed one.
         """
+        if self.end_s:
+            return f"{self.uri}#t={self.start_s:g},{self.end_s:g}"
         if not self.files:
             return self.uri
         digest = _digest("\n".join(self.files))
@@ -89,6 +105,8 @@ class ListingStats:
     parquet_shards: int = 0
     image_shards: int = 0
     image_files: int = 0
+    video_shards: int = 0
+    video_files: int = 0
     ignored_files: int = 0  # files with an extension that is not an input of this job
     hidden_files: int = 0  # dot-files, files in dot-directories, _SUCCESS-style markers
     duplicate_files: int = 0  # files matched by more than one input URL (read once)
@@ -105,9 +123,15 @@ def format_of(path: str, wanted: str = "auto") -> str | None:
 
 
 def list_shards(
-    spec: InputSpec, storage: StorageOptions, *, images_per_shard: int = IMAGES_PER_SHARD
+    spec: InputSpec,
+    storage: StorageOptions,
+    *,
+    images_per_shard: int = IMAGES_PER_SHARD,
+    video: VideoSpec | None = None,
 ) -> tuple[list[ShardRef], ListingStats]:
     """Expand ``spec.urls`` into shards, sorted by URI, with unique names.
+
+    ``video`` says which videos are cut into spans (default: ``VideoSpec()``).
 
     Raises ``FileNotFoundError`` naming the URL when one matches nothing, or
     matches only files that are not inputs of this job; ``ValueError`` for a
@@ -147,12 +171,15 @@ def list_shards(
 
     shards: list[ShardRef] = []
     image_groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # (root, rel dir) -> file uris
+    videos: list[ShardRef] = []
     for uri, (fmt, root, fingerprint) in files.items():
         rel = relative_path(uri, root)
         if fmt == IMAGES:
             image_groups[(root, posixpath.dirname(rel))].append(uri)
         else:
-            shards.append(ShardRef(uri=uri, format=fmt, name=_sanitize(rel), root=root, fingerprint=fingerprint))
+            ref = ShardRef(uri=uri, format=fmt, name=_sanitize(rel), root=root, fingerprint=fingerprint)
+            (videos if fmt == VIDEO else shards).append(ref)
+    shards += _video_spans(videos, storage, video or VideoSpec())
     image_files = 0
     for (root, rel_dir), group in image_groups.items():
         group.sort()
@@ -174,12 +201,66 @@ def list_shards(
         parquet_shards=sum(s.format == PARQUET for s in shards),
         image_shards=sum(s.format == IMAGES for s in shards),
         image_files=image_files,
+        video_shards=sum(s.format == VIDEO for s in shards),
+        video_files=len(videos),
         ignored_files=ignored,
         hidden_files=hidden,
         duplicate_files=duplicates,
         ignored_examples=tuple(examples),
     )
     return shards, stats
+
+
+def _video_spans(videos: list[ShardRef], storage: StorageOptions, spec: VideoSpec) -> list[ShardRef]:
+    """One shard per video, or per span of ``spec.span_seconds`` for videos at least
+    ``spec.split_above_bytes`` large whose header gives a trustworthy duration."""
+    large = [v for v in videos if _size(v.fingerprint) >= spec.split_above_bytes]
+    with ThreadPoolExecutor(max_workers=_PROBE_THREADS) as pool:
+        probed = list(pool.map(lambda v: probe_duration(v.uri, storage), large))
+    durations = dict(zip((v.uri for v in large), probed, strict=True))
+    out: list[ShardRef] = []
+    for ref in videos:
+        duration = durations.get(ref.uri)
+        if not duration or duration <= spec.span_seconds:
+            out.append(ref)
+            continue
+        spans = math.ceil(duration / spec.span_seconds)
+        width = len(str(int(duration)))
+        for k in range(spans):
+            start = k * spec.span_seconds
+            # The last span runs to the end, whatever the header's duration says.
+            end = 0.0 if k == spans - 1 else (k + 1) * spec.span_seconds
+            name = f"{ref.name}.t{int(start):0{width}d}"
+            out.append(dataclasses.replace(ref, name=name, start_s=start, end_s=end))
+    return out
+
+
+def _size(fingerprint: str) -> int:
+    size = fingerprint.split(":", 1)[0]
+    return int(size) if size.isdigit() else 0
+
+
+def probe_duration(uri: str, storage: StorageOptions) -> float | None:
+    """A video's duration in seconds from its header (a few ranged reads), or None
+    when it cannot be read or claims an absurd length: such a video is one shard."""
+    import av
+
+    fs, path = filesystem_for(uri, storage)
+    try:
+        with fs.open(path, "rb", block_size=256 * 1024) as f, av.open(f, metadata_errors="ignore") as container:
+            streams = container.streams.video
+            if not streams:
+                return None
+            stream = streams[0]
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / 1_000_000
+            else:
+                return None
+    except (OSError, av.error.FFmpegError, ValueError):
+        return None  # the reader reports what is wrong with it, as an error row
+    return seconds if 0 < seconds < _MAX_SPLIT_SECONDS else None
 
 
 @dataclass
@@ -303,7 +384,7 @@ def _unique_names(shards: list[ShardRef]) -> list[ShardRef]:
 
 def _suffix_list(fmt: str) -> str:
     if fmt == "auto":
-        suffixes = TAR_SUFFIXES + PARQUET_SUFFIXES + IMAGE_EXTENSIONS
+        suffixes = TAR_SUFFIXES + PARQUET_SUFFIXES + IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     else:
         suffixes = _SUFFIXES[fmt]
     return ", ".join(suffixes)

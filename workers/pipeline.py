@@ -33,26 +33,15 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from workers import schema
-from workers.config import AnnotateConfig, DecodeSpec, InputSpec, ResourceSpec, StorageOptions
+from workers.config import AnnotateConfig, DecodeSpec, InputSpec, ResourceSpec, StorageOptions, VideoSpec
 from workers.decode import decode_batch
-from workers.listing import ShardRef
+from workers.listing import VIDEO, ShardRef
 from workers.readers import read_shard
 from workers.replica import Blip2Replica, FastPath
+from workers.video import decode_with_videos, read_video_shard
 from workers.writer import write_rows
 
 DECODE_TASK_MEMORY = 512 * 1024**2
-
-
-def read_shards(batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int) -> Iterator[pa.Table]:
-    """Ray Data UDF: each input row describes one shard; yields its samples."""
-    for item in batch.to_pylist():
-        item["files"] = tuple(item.get("files") or ())
-        shard = ShardRef(**item)
-        rows = 0
-        for table in read_shard(shard, spec, storage, batch_rows=batch_rows):
-            rows += table.num_rows
-            yield table
-        yield shard_end_row(shard, spec, rows)
 
 
 def shard_end_row(shard: ShardRef, spec: InputSpec, rows: int) -> pa.Table:
@@ -72,17 +61,41 @@ def shard_items(shards: list[ShardRef]) -> list[dict]:
     return [dataclasses.asdict(s) for s in shards]
 
 
+def _shard_of(item: dict) -> ShardRef:
+    return ShardRef(**{**item, "files": tuple(item.get("files") or ())})
+
+
 def read_and_decode(
-    batch: pa.Table, spec: InputSpec, storage: StorageOptions, batch_rows: int, decode_spec: DecodeSpec
+    batch: pa.Table,
+    spec: InputSpec,
+    storage: StorageOptions,
+    batch_rows: int,
+    decode_spec: DecodeSpec,
+    video_spec: VideoSpec,
 ) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each shard the batch names and decode its samples, one reader block at a time.
+    """Ray Data UDF: read each shard the batch names and decode its samples, one block at a time,
+    then the shard's ``shard_end`` row with the number of rows it produced.
 
     One function, so reading and decoding share a task whatever Ray Data's
     fusion rules are: undecoded bytes never wait in the object store for a
     separate decode stage, and a shard's pixels stream out as they are made.
+    Rows are counted after decoding: a video becomes one row per sampled frame.
     """
-    for table in read_shards(batch, spec, storage, batch_rows):
-        yield decode_batch(table, decode_spec)
+    for item in batch.to_pylist():
+        shard = _shard_of(item)
+        if shard.format == VIDEO:
+            tables = read_video_shard(shard, spec, storage, decode_spec, video_spec, batch_rows)
+        else:
+            tables = (
+                decoded
+                for table in read_shard(shard, spec, storage, batch_rows=batch_rows)
+                for decoded in decode_with_videos(table, decode_spec, video_spec, batch_rows)
+            )
+        rows = 0
+        for table in tables:
+            rows += table.num_rows
+            yield table
+        yield decode_batch(shard_end_row(shard, spec, rows), decode_spec)
 
 
 def decoded_dataset(
@@ -91,6 +104,7 @@ def decoded_dataset(
     resources: ResourceSpec,
     shards: list[ShardRef],
     decode_spec: DecodeSpec,
+    video_spec: VideoSpec | None = None,
 ) -> ray.data.Dataset:
     """The read+decode stage: one row per sample, ``pixels`` filled on ok rows.
 
@@ -105,6 +119,7 @@ def decoded_dataset(
             "storage": storage,
             "batch_rows": resources.read_batch_rows,
             "decode_spec": decode_spec,
+            "video_spec": video_spec or VideoSpec(),
         },
         batch_size=1,  # one shard per task: a bad shard fails alone, shards parallelise
         batch_format="pyarrow",
@@ -129,7 +144,7 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """Lazily build the dataset of write reports (``writer.REPORT_SCHEMA``); nothing runs until consumed."""
     res = cfg.resources
-    ds = decoded_dataset(cfg.input, cfg.storage, res, shards, decode_spec)
+    ds = decoded_dataset(cfg.input, cfg.storage, res, shards, decode_spec, cfg.video)
     ds = ds.map_batches(
         Blip2Replica,
         fn_constructor_kwargs={

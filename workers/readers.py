@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.config import IMAGE_EXTENSIONS, InputSpec, StorageOptions
+from workers.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputSpec, StorageOptions
 from workers.listing import IMAGES, PARQUET, WEBDATASET, ShardRef
 from workers.schema import (
     BAD_QUESTIONS,
@@ -39,6 +39,7 @@ from workers.schema import (
     ID,
     IMAGE,
     KEY,
+    MEDIA,
     MEMBER_TOO_LARGE,
     MISSING_IMAGE,
     MISSING_IMAGE_COLUMN,
@@ -64,7 +65,7 @@ from workers.storage import filesystem_for, refuse_command_url, relative_path
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, pa.ArrowException)
 
 
-class _StorageReads:
+class StorageReads:
     """The storage calls of one shard read, so a failure can be told apart from bad bytes.
 
     Both raise ``OSError`` (pyarrow reports a corrupt page as one, s3fs an S3
@@ -76,24 +77,24 @@ class _StorageReads:
     def __init__(self) -> None:
         self.failed = False
 
-    def call(self, fn, *args):
+    def call(self, fn, *args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except OSError:
             self.failed = True
             raise
 
-    def open(self, fs, path: str) -> _TracedFile:
-        return _TracedFile(self.call(fs.open, path, "rb"), self)
+    def open(self, fs, path: str) -> TracedFile:
+        return TracedFile(self.call(fs.open, path, "rb"), self)
 
     def kind(self) -> str:
         return SHARD_READ_ERROR if self.failed else SHARD_UNREADABLE
 
 
-class _TracedFile:
-    """A storage file object whose reads go through :meth:`_StorageReads.call`."""
+class TracedFile:
+    """A storage file object whose reads go through :meth:`StorageReads.call`."""
 
-    def __init__(self, f, reads: _StorageReads) -> None:
+    def __init__(self, f, reads: StorageReads) -> None:
         self._f, self._reads = f, reads
 
     def read(self, *args):
@@ -105,7 +106,7 @@ class _TracedFile:
     def __getattr__(self, name: str):
         return getattr(self._f, name)
 
-    def __enter__(self) -> _TracedFile:
+    def __enter__(self) -> TracedFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -167,6 +168,7 @@ def _row(
     error: str | None = None,
     questions: list[str] | None = None,
     extra: dict[str, str | None] | None = None,
+    media: str | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {
         ID: f"{source}::{key}",
@@ -178,11 +180,17 @@ def _row(
         ERROR_KIND: kind,
         ERROR: error,
         ROW_QUESTIONS: questions if kind is None else None,
+        MEDIA: media,
     }
     extra = extra or {}
     for name in spec.passthrough_columns:
         row[passthrough_name(name)] = extra.get(name)
     return row
+
+
+def video_file_row(shard: ShardRef, spec: InputSpec) -> dict[str, Any]:
+    """The reader row of a video file shard (or span): its frames' rows are made from it."""
+    return _row(shard, spec, source=shard.uri, key=relative_path(shard.uri, shard.root), media="video")
 
 
 def _shard_error(shard: ShardRef, spec: InputSpec, kind: str, error: str) -> dict[str, Any]:
@@ -268,6 +276,7 @@ class _Sample:
     key: str
     image_seen: bool = False  # an image member was found (even if unusable)
     image: bytes | None = None
+    media: str | None = None  # "video" when the media member is a video
     texts: dict[str, str] = field(default_factory=dict)  # passthrough column -> text
     questions: str | None = None
     kind: str | None = None
@@ -341,11 +350,14 @@ class _TarSamples:
             self.current = _Sample(key)
         sample = self.current
         ext_low = ext.lower()
-        is_image = "." + ext_low.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+        suffix = "." + ext_low.rsplit(".", 1)[-1]
+        is_video = suffix in VIDEO_EXTENSIONS
+        is_image = suffix in IMAGE_EXTENSIONS or is_video  # the sample's media member
         if is_image:
             if sample.image_seen:
-                return  # only the first image member of a sample is used
+                return  # only the first image or video member of a sample is used
             sample.image_seen = True
+            sample.media = "video" if is_video else None
         elif ext_low not in self.question_exts and ext_low not in self.passthrough:
             return  # a member this job does not use (.cls, .pth, ...): never read
         unsafe = _unsafe_name(name)
@@ -409,13 +421,14 @@ class _TarSamples:
                 error=sample.error,
                 questions=questions,
                 extra=sample.texts,
+                media=sample.media,
             )
         )
 
 
 def _tar_rows(shard: ShardRef, spec: InputSpec, storage: StorageOptions) -> Iterator[dict[str, Any]]:
     samples = _TarSamples(shard, spec)
-    reads = _StorageReads()
+    reads = StorageReads()
     try:
         fs, path = filesystem_for(shard.uri, storage)
         if reads.call(fs.size, path) == 0:
@@ -504,7 +517,7 @@ def _parquet_rows(
 ) -> Iterator[dict[str, Any]]:
     keys = _Keys()
     index = 0
-    reads = _StorageReads()
+    reads = StorageReads()
     try:
         fs, path = filesystem_for(shard.uri, storage)
         if reads.call(fs.size, path) == 0:

@@ -46,6 +46,12 @@ NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify it as an allowed format
 DECOMPRESSION_BOMB = "decompression_bomb"  # width*height above max_image_pixels
 TRUNCATED_IMAGE = "truncated_image"  # the file ends before the pixel data does
 DECODE_FAILED = "decode_failed"  # anything else the decoders reject
+# Videos (workers/video.py).  A video's error row has the video's key and no frame_time.
+NOT_A_VIDEO = "not_a_video"  # FFmpeg finds no container it can read (e.g. text named .mp4)
+TRUNCATED_VIDEO = "truncated_video"  # the file ends before its index (MP4 moov atom) or its data
+NO_VIDEO_STREAM = "no_video_stream"  # a container with audio or subtitles only
+VIDEO_DECODE_FAILED = "video_decode_failed"  # corrupt data mid-stream: frames before it are kept
+FRAME_LIMIT_REACHED = "frame_limit_reached"  # max_frames_per_video sampled; the rest of the video is not
 # Model.
 GENERATION_FAILED = "generation_failed"  # generate raised for this image alone
 OUT_OF_MEMORY = "out_of_memory"  # out of accelerator memory even alone
@@ -70,6 +76,11 @@ ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
         DECOMPRESSION_BOMB: False,
         TRUNCATED_IMAGE: False,
         DECODE_FAILED: False,
+        NOT_A_VIDEO: False,
+        TRUNCATED_VIDEO: False,
+        NO_VIDEO_STREAM: False,
+        VIDEO_DECODE_FAILED: False,
+        FRAME_LIMIT_REACHED: False,
         GENERATION_FAILED: True,
         OUT_OF_MEMORY: True,  # a later run may have larger GPUs or a smaller batch
     }
@@ -89,12 +100,23 @@ STATUS = "status"
 ERROR_KIND = "error_kind"  # short snake_case tag, e.g. "truncated_image"
 ERROR = "error"  # human-readable reason
 ROW_QUESTIONS = "row_questions"  # per-row questions from an input column
+MEDIA = "media"  # "video" on a tar sample whose media member is a video; null for images
 SHARD_ROWS = "shard_rows"  # only on STATUS_SHARD_END rows: rows the shard produced
 
 # Stage 2 (decode) output replaces ``image`` with these.
 PIXELS = "pixels"  # uint8 tensor (H, W, 3) at the model's input size
 WIDTH = "width"  # original width, before resizing
 HEIGHT = "height"
+# Video frames only (null on image rows): the frame's presentation time in seconds
+# from the stream's start, its index in the stream, and the video's duration.
+FRAME_TIME = "frame_time"
+FRAME_INDEX = "frame_index"
+VIDEO_DURATION = "video_duration"
+FRAME_FIELDS = [
+    pa.field(FRAME_TIME, pa.float64()),
+    pa.field(FRAME_INDEX, pa.int64()),
+    pa.field(VIDEO_DURATION, pa.float64()),
+]
 
 # Stage 3 (model) output replaces ``pixels`` with these.
 CAPTION = "caption"
@@ -115,6 +137,7 @@ READ_FIELDS = [
     pa.field(ERROR, pa.string()),
     pa.field(ROW_QUESTIONS, pa.list_(pa.string())),
     pa.field(SHARD_ROWS, pa.int64()),
+    pa.field(MEDIA, pa.string()),
 ]
 
 OUTPUT_FIELDS = [
@@ -129,6 +152,7 @@ OUTPUT_FIELDS = [
     pa.field(ERROR, pa.string()),
     pa.field(WIDTH, pa.int32()),
     pa.field(HEIGHT, pa.int32()),
+    *FRAME_FIELDS,
     pa.field(MODEL_ID, pa.string()),
     pa.field(MODEL_REVISION, pa.string()),
 ]

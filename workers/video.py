@@ -1,0 +1,467 @@
+"""Videos -> sampled frames at the model's input size, with PyAV (FFmpeg is in its wheels).
+
+A video becomes one row per sampled frame (``frame_time``, ``frame_index``,
+``video_duration`` set; ``id`` ``<source>::<key>#t=<seconds, 3 decimals>``), plus
+at most one error row with the video's own id when it is broken or cut short.
+Frames before the damage are kept.  Nothing here raises for bad input.
+
+Reading: a video file is read through an fsspec file object (local or ``s3://``
+alike), never held whole in memory nor copied to disk; FFmpeg asks for the byte
+ranges it needs.  A video inside a tar (video2dataset's layout) arrives as the
+member's bytes, bounded by ``max_member_bytes``.
+
+Sampling (``VideoSpec.frame_sampling``), by presentation time from the stream's start:
+
+* ``interval``: the frames shown at 0, T, 2T, ...: for each target the last frame
+  that starts at or before it, each distinct frame once.  Frames far from the next
+  target are decoded with FFmpeg's ``skip_frame=NONREF`` (non-reference frames are
+  dropped undecoded; no other frame depends on them, so nothing else changes), and
+  when the next target lies past a keyframe the demuxer seeks to it.
+* ``scene``: the first frame of every shot, plus one every T inside shots longer
+  than ``max_scene_seconds``.  A cut is a jump in the 32-bin luma histogram of a
+  64x36 thumbnail of consecutive frames (see :func:`histogram_distance`).
+* ``keyframes``: the stream's keyframes only (``skip_frame=NONKEY``), the cheapest.
+
+``frame_index`` is exact while the stream is read from its start: a frame's rank
+among the packets demuxed so far (every packet with an earlier presentation time
+precedes it in decoding order, decoded or skipped).  After a seek it is the time
+times the average frame rate, exact for constant frame rates.  ``width``/``height``
+are the frame's size after its rotation metadata.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import av
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from workers import schema
+from workers.config import DecodeSpec, InputSpec, StorageOptions, VideoSpec
+from workers.decode import DecodeError, decode_batch, decoded_table, resize_rgb
+from workers.listing import ShardRef
+from workers.readers import StorageReads, TracedFile, video_file_row
+from workers.storage import filesystem_for
+
+# Headers claiming more than this are not trusted (a hostile or broken file can
+# claim a duration of years): the video is then read as if its duration were unknown.
+MAX_TRUSTED_SECONDS = 7 * 24 * 3600.0
+# Near a target, decode every frame: half a second covers any B-frame reordering
+# in practice (FFmpeg's H.264 allows 16 frames; 30 fps x 0.5 s = 15).
+FULL_DECODE_MARGIN_S = 0.5
+# Seek only when the next target is at least this far past a keyframe ahead of
+# the current position: a seek costs a demuxer reset and the frames from the
+# keyframe to the target (measured in BENCHMARKS.md, "Video").
+SEEK_MIN_GAP_S = 2.0
+THUMB_SIZE = (64, 36)
+HISTOGRAM_BINS = 32
+
+
+@dataclass
+class FrameRow:
+    """One row of a video's output: a sampled frame (``pixels`` set) or the video's error."""
+
+    pixels: np.ndarray | None = None
+    width: int | None = None
+    height: int | None = None
+    time: float | None = None
+    index: int | None = None
+    duration: float | None = None
+    kind: str | None = None
+    error: str | None = None
+
+
+def frame_id(source: str, key: str, time: float) -> str:
+    """The W3C media-fragment-style id of a frame: stable across reruns."""
+    return f"{source}::{key}#t={time:.3f}"
+
+
+def histogram_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Half the L1 distance of two normalised histograms: 0 identical, 1 disjoint."""
+    return float(0.5 * np.abs(a - b).sum())
+
+
+def _luma_histogram(frame: av.VideoFrame) -> np.ndarray:
+    thumb = frame.reformat(width=THUMB_SIZE[0], height=THUMB_SIZE[1], format="gray").to_ndarray()
+    hist = np.bincount((thumb >> 3).ravel(), minlength=HISTOGRAM_BINS).astype(np.float64)
+    return hist / hist.sum()
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _open(file: BinaryIO) -> tuple[Any, Any]:
+    """``(container, video stream)``; raises DecodeError with a video error kind."""
+    try:
+        container = av.open(file, mode="r", metadata_errors="ignore")
+    except av.error.InvalidDataError as exc:
+        raise DecodeError(schema.NOT_A_VIDEO, f"not a video FFmpeg can read: {exc}") from exc
+    except (av.error.EOFError, EOFError) as exc:
+        raise DecodeError(schema.TRUNCATED_VIDEO, f"the file ends inside its header: {exc}") from exc
+    except av.error.FFmpegError as exc:
+        # A missing MP4 index ("moov atom not found") is FFmpeg's InvalidData too; name it.
+        raise DecodeError(schema.NOT_A_VIDEO, f"cannot open the video: {exc}") from exc
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        container.close()
+        raise DecodeError(schema.NO_VIDEO_STREAM, f"the file has no video stream (streams: {', '.join(kinds)})")
+    return container, container.streams.video[0]
+
+
+def _moov_missing(file: BinaryIO) -> bool:
+    """An MP4/MOV whose index atom is absent: the usual form of a download cut short."""
+    try:
+        file.seek(0)
+        head = file.read(12)
+    except OSError:
+        return False
+    return len(head) >= 8 and head[4:8] in (b"ftyp", b"mdat", b"free", b"wide")
+
+
+class _Clock:
+    """Times and indexes of one stream's frames, from its time base and sample index."""
+
+    def __init__(self, container: Any, stream: Any) -> None:
+        self.time_base = float(stream.time_base)
+        self.start_pts = stream.start_time or 0
+        rate = stream.average_rate or stream.guessed_rate
+        self.rate = float(rate) if rate else None
+        duration = None
+        if stream.duration:
+            duration = stream.duration * self.time_base
+        elif container.duration:
+            duration = container.duration / 1_000_000
+        self.duration = duration if duration is not None and 0 < duration < MAX_TRUSTED_SECONDS else None
+        self.keyframe_times: list[float] = []
+        try:
+            # The container's index (MP4/MOV: every sample; MKV/WebM: its cues), for seeking.
+            self.keyframe_times = sorted(self.seconds(e.timestamp) for e in stream.index_entries if e.is_keyframe)
+        except (AttributeError, av.error.FFmpegError):
+            pass
+
+    def seconds(self, pts: int) -> float:
+        return (pts - self.start_pts) * self.time_base
+
+    def estimated_index(self, pts: int) -> int:
+        return round(self.seconds(pts) * self.rate) if self.rate else -1
+
+    def keyframe_after(self, now: float, target: float) -> float | None:
+        """The last keyframe at or before ``target`` if it is past ``now``, else None."""
+        i = bisect.bisect_right(self.keyframe_times, target) - 1
+        if i >= 0 and self.keyframe_times[i] > now:
+            return self.keyframe_times[i]
+        return None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _frames(container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: float, end: float | None):
+    """Yield ``(time, index, av.VideoFrame)`` for the frames the sampling picks in ``[start, end)``."""
+    sampler = {"interval": _interval, "scene": _scene, "keyframes": _keyframes}[spec.frame_sampling]
+    yield from sampler(_Decoder(container, stream, clock, spec, start, end), spec, start)
+
+
+class _Decoder:
+    """A stream's frames in presentation order from ``start``, ``(time, index, frame)``,
+    with the interval sampler's hooks: ``want_at`` (skip non-reference frames far
+    before it) and :meth:`seek_to` (jump ahead to a keyframe)."""
+
+    def __init__(self, container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: float, end: float | None):
+        self.container, self.stream, self.clock, self.end = container, stream, clock, end
+        self.ctx = stream.codec_context
+        stream.thread_type = "AUTO"  # frame + slice threads, as many as FFmpeg sees cores
+        self.skip_nonref = spec.frame_sampling == "interval"
+        # The frame shown at a target can start up to one frame before it; two frames of margin.
+        self.margin = max(FULL_DECODE_MARGIN_S, 2.0 / clock.rate) if clock.rate else math.inf
+        self.keyframes_only = spec.frame_sampling == "keyframes"
+        self.want_at = start
+        self._seek: float | None = None
+        self.packet_pts: list[int] | None = []  # sorted pts of every packet since the start; None after a seek
+        if start > 0:
+            self._jump(start)
+
+    def _jump(self, seconds: float) -> None:
+        pts = int(seconds / self.clock.time_base) + self.clock.start_pts
+        self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
+        self.packet_pts = None
+
+    def _index(self, pts: int) -> int:
+        if self.packet_pts is None:
+            return self.clock.estimated_index(pts)
+        return bisect.bisect_left(self.packet_pts, pts)
+
+    def seek_to(self, seconds: float) -> None:
+        self._seek = seconds
+
+    def __iter__(self) -> Iterator[tuple[float, int, Any]]:
+        clock = self.clock
+        while True:
+            jumped = False
+            for packet in self.container.demux(self.stream):
+                if packet.pts is not None:
+                    if self.packet_pts is not None:
+                        bisect.insort(self.packet_pts, packet.pts)
+                    if self.keyframes_only and not packet.is_keyframe:
+                        continue  # never decoded: keyframes need no other frame
+                    if self.skip_nonref:
+                        far = clock.seconds(packet.pts) < self.want_at - self.margin
+                        self.ctx.skip_frame = "NONREF" if far else "DEFAULT"
+                for frame in packet.decode():  # the last, empty packet flushes the decoder
+                    if frame.pts is None or (self.keyframes_only and not frame.key_frame):
+                        continue
+                    t = clock.seconds(frame.pts)
+                    if self.end is not None and t >= self.end:
+                        return
+                    yield t, self._index(frame.pts), frame
+                    if self._seek is not None:
+                        self._jump(self._seek)
+                        self._seek = None
+                        jumped = True
+                        break
+                if jumped:
+                    break
+            if not jumped:
+                return
+
+
+def _keyframes(frames: _Decoder, spec: VideoSpec, start: float):
+    for t, index, frame in frames:
+        if t >= start:
+            yield t, index, frame
+
+
+def _interval(frames: _Decoder, spec: VideoSpec, start: float):
+    """The frames shown at k*T in ``[start, end)``: for each target the last frame starting at or before it."""
+    interval, end = spec.frame_interval, frames.end
+    k = math.ceil(start / interval - 1e-9)
+    frames.want_at = k * interval
+    previous: tuple[float, int, Any] | None = None
+    emitted = None  # pts of the frame emitted last: a frame shown at several targets is emitted once
+
+    def advance() -> bool:
+        nonlocal k
+        k += 1
+        frames.want_at = k * interval
+        return end is None or frames.want_at < end
+
+    for t, index, frame in frames:
+        while frames.want_at < t - 1e-9:
+            chosen = previous or (t, index, frame)  # before the first frame: the first frame
+            if chosen[2].pts != emitted:
+                emitted = chosen[2].pts
+                yield chosen
+            if not advance():
+                return
+        if abs(frames.want_at - t) <= 1e-9:
+            emitted = frame.pts
+            yield t, index, frame
+            if not advance():
+                return
+        previous = (t, index, frame)
+        jump = frames.clock.keyframe_after(t, frames.want_at)
+        if jump is not None and frames.want_at - t >= SEEK_MIN_GAP_S:
+            frames.seek_to(jump)
+            previous = None
+    # The last frame stays on screen to the end: a target before the end shows it.
+    if previous is not None and previous[2].pts != emitted:
+        until = frames.clock.duration if frames.clock.duration is not None else math.inf
+        if frames.want_at < until and (end is None or frames.want_at < end):
+            yield previous
+
+
+def _scene(frames: _Decoder, spec: VideoSpec, start: float):
+    """First frame of every shot; in a shot that lasts max_scene_seconds or more, also
+    the first frame at or after each shot_start + k*T (held until the shot is that long)."""
+    interval = spec.frame_interval
+    previous_hist = None
+    shot_start = 0.0
+    next_extra = math.inf
+    held: list[tuple[float, int, Any]] = []  # extra frames of the current shot, not yet known to be long
+    for t, index, frame in frames:
+        hist = _luma_histogram(frame)
+        cut = previous_hist is None or histogram_distance(hist, previous_hist) > spec.scene_threshold
+        previous_hist = hist
+        if t < start:
+            continue  # before a span's start: only the histogram counts
+        if cut or t == start:
+            held = []
+            shot_start, next_extra = t, t + interval
+            yield t, index, frame
+            continue
+        if t >= next_extra - 1e-9:
+            while next_extra <= t + 1e-9:
+                next_extra += interval
+            if t - shot_start >= spec.max_scene_seconds:
+                yield from held
+                held = []
+                yield t, index, frame
+            else:
+                held.append((t, index, frame))
+        elif held and t - shot_start >= spec.max_scene_seconds:
+            yield from held
+            held = []
+
+
+def video_rows(
+    file: BinaryIO,
+    video: VideoSpec,
+    decode: DecodeSpec,
+    start: float = 0.0,
+    end: float | None = None,
+    reads: StorageReads | None = None,
+) -> Iterator[FrameRow]:
+    """The rows of one video (or of its span ``[start, end)`` seconds): frames, then at most one error.
+
+    Never raises for bad input: a file that cannot be opened yields one error row;
+    damage mid-stream yields the frames before it, then an error row.  When
+    ``reads`` (the file's storage calls) saw a storage failure, the error row is a
+    ``shard_read_error``, which a resume retries.
+    """
+    try:
+        try:
+            yield from _video_rows(file, video, decode, start, end)
+        except DecodeError as exc:
+            yield FrameRow(kind=exc.kind, error=exc.message)
+    except OSError as exc:  # FFmpeg re-raises what the file object raised
+        if reads is None or not reads.failed:
+            raise
+        yield FrameRow(kind=schema.SHARD_READ_ERROR, error=f"{type(exc).__name__}: {exc}")
+
+
+def _video_rows(file: BinaryIO, video: VideoSpec, decode: DecodeSpec, start: float, end: float | None):
+    try:
+        container, stream = _open(file)
+    except DecodeError as exc:
+        if exc.kind == schema.NOT_A_VIDEO and _moov_missing(file):
+            exc = DecodeError(schema.TRUNCATED_VIDEO, f"the MP4 index (moov atom) is missing: {exc.message}")
+        yield FrameRow(kind=exc.kind, error=exc.message)
+        return
+    with container:
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > decode.max_image_pixels:
+            yield FrameRow(
+                kind=schema.DECOMPRESSION_BOMB,
+                error=f"frames are {width}x{height} = {width * height} pixels, above the limit of "
+                f"{decode.max_image_pixels}",
+            )
+            return
+        clock = _Clock(container, stream)
+        sampled = 0
+        try:
+            for t, index, frame in _frames(container, stream, clock, video, start, end):
+                if sampled >= video.max_frames_per_video:
+                    yield FrameRow(
+                        kind=schema.FRAME_LIMIT_REACHED,
+                        error=f"stopped at {t:.3f}s after {sampled} frames (max_frames_per_video)",
+                        duration=clock.duration,
+                    )
+                    return
+                yield _frame_row(frame, t, index, clock.duration, decode)
+                sampled += 1
+        except av.error.FFmpegError as exc:
+            yield FrameRow(kind=schema.VIDEO_DECODE_FAILED, error=f"after {sampled} frames: {exc}",
+                           duration=clock.duration)  # fmt: skip
+
+
+def _frame_row(frame: Any, t: float, index: int, duration: float | None, decode: DecodeSpec) -> FrameRow:
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns
+    if turns:
+        rgb = np.rot90(rgb, turns)
+    picture = Image.fromarray(np.ascontiguousarray(rgb))
+    return FrameRow(
+        pixels=resize_rgb(picture, decode),
+        width=picture.width,
+        height=picture.height,
+        time=t,
+        index=index,
+        duration=duration,
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def frame_table(base: pa.Table, rows: list[FrameRow], decode: DecodeSpec) -> pa.Table:
+    """Decode-stage table for ``rows`` of the one-row reader table ``base`` (the video's row)."""
+    n = len(rows)
+    src = base.column(schema.SOURCE)[0].as_py()
+    key = base.column(schema.KEY)[0].as_py()
+    repeated = base.take(pa.array([0] * n, pa.int64()))
+    pixels = np.zeros((n, decode.height, decode.width, 3), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        if r.pixels is not None:
+            pixels[i] = r.pixels
+    replaced = {
+        schema.ID: pa.array([frame_id(src, key, r.time) if r.kind is None else f"{src}::{key}" for r in rows]),
+        schema.STATUS: pa.array([schema.STATUS_OK if r.kind is None else schema.STATUS_ERROR for r in rows]),
+        schema.ERROR_KIND: pa.array([r.kind for r in rows], pa.string()),
+        schema.ERROR: pa.array([r.error for r in rows], pa.string()),
+    }
+    frames = {
+        schema.FRAME_TIME: [r.time for r in rows],
+        schema.FRAME_INDEX: [r.index for r in rows],
+        schema.VIDEO_DURATION: [r.duration for r in rows],
+    }
+    return decoded_table(repeated, replaced, pixels, [r.width for r in rows], [r.height for r in rows], frames)
+
+
+def _tables(base: pa.Table, rows: Iterator[FrameRow], decode: DecodeSpec, batch_rows: int) -> Iterator[pa.Table]:
+    buf: list[FrameRow] = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= batch_rows:
+            yield frame_table(base, buf, decode)
+            buf = []
+    if buf:
+        yield frame_table(base, buf, decode)
+
+
+def decode_with_videos(batch: pa.Table, decode: DecodeSpec, video: VideoSpec, batch_rows: int) -> Iterator[pa.Table]:
+    """Decode a reader batch whose rows may be videos (tar members): images as
+    :func:`decode_batch` does, each ok video row expanded into its frame rows."""
+    media = batch.column(schema.MEDIA).to_pylist() if schema.MEDIA in batch.column_names else [None] * batch.num_rows
+    statuses = batch.column(schema.STATUS).to_pylist()
+    videos = [i for i, (m, s) in enumerate(zip(media, statuses, strict=True)) if m == "video" and s == schema.STATUS_OK]
+    if not videos:
+        yield decode_batch(batch, decode)
+        return
+    others = [i for i in range(batch.num_rows) if i not in set(videos)]
+    if others:
+        yield decode_batch(batch.take(pa.array(others, pa.int64())), decode)
+    for i in videos:
+        base = batch.slice(i, 1)
+        data = base.column(schema.IMAGE)[0].as_py()
+        yield from _tables(base, video_rows(io.BytesIO(data), video, decode), decode, batch_rows)
+
+
+def read_video_shard(
+    shard: ShardRef, spec: InputSpec, storage: StorageOptions, decode: DecodeSpec, video: VideoSpec, batch_rows: int
+) -> Iterator[pa.Table]:
+    """Decode-stage tables of one video file, or of its span ``[shard.start_s, shard.end_s)``."""
+    base = pa.Table.from_pylist([video_file_row(shard, spec)], schema=schema.read_schema(spec.passthrough_columns))
+    end = shard.end_s or None
+    reads = StorageReads()
+    try:
+        fs, path = filesystem_for(shard.uri, storage)
+        if reads.call(fs.size, path) == 0:
+            rows: Iterator[FrameRow] = iter([FrameRow(kind=schema.EMPTY_FILE, error="the file is empty (0 bytes)")])
+            yield from _tables(base, rows, decode, batch_rows)
+            return
+        # Block reads sized for video: FFmpeg reads sequentially and seeks now and then.
+        f = reads.call(fs.open, path, "rb", block_size=4 * 1024**2, cache_type="readahead")
+        with TracedFile(f, reads) as traced:
+            yield from _tables(base, video_rows(traced, video, decode, shard.start_s, end, reads), decode, batch_rows)
+    except OSError as exc:
+        if not reads.failed:
+            raise
+        failed = FrameRow(kind=schema.SHARD_READ_ERROR, error=f"{type(exc).__name__}: {exc}")
+        yield from _tables(base, iter([failed]), decode, batch_rows)
