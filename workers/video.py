@@ -245,6 +245,7 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
     frames.want_at = k * interval
     previous: tuple[float, int, Any] | None = None
     emitted = None  # pts of the frame emitted last: a frame shown at several targets is emitted once
+    sought = -math.inf  # the target of the last seek: at most one seek per target, so reading always advances
 
     def advance() -> bool:
         nonlocal k
@@ -266,10 +267,13 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
             if not advance():
                 return
         previous = (t, index, frame)
-        jump = frames.clock.keyframe_after(t, frames.want_at)
-        if jump is not None and frames.want_at - t >= SEEK_MIN_GAP_S:
-            frames.seek_to(jump)
-            previous = None
+        if frames.want_at - t >= SEEK_MIN_GAP_S and frames.want_at > sought:
+            if frames.clock.keyframe_after(t, frames.want_at) is not None:
+                # FFmpeg lands on the last keyframe at or before the target; the frames from
+                # there to the target are decoded, the one on screen at the target is kept.
+                sought = frames.want_at
+                frames.seek_to(sought)
+                previous = None
     # The last frame stays on screen to the end: a target before the end shows it.
     if previous is not None and previous[2].pts != emitted:
         until = frames.clock.duration if frames.clock.duration is not None else math.inf

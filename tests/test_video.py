@@ -1,0 +1,277 @@
+"""workers/video.py against real videos made with PyAV's encoders (tests/videofactory.py).
+
+Every sampled frame is held against a plain PyAV loop that decodes every frame:
+the frame sampled for a time must be the very frame that loop shows then.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import av
+import numpy as np
+import pytest
+from videofactory import audio_only, encode, pan_frames, shots
+
+from workers import schema
+from workers.config import DecodeSpec, StorageOptions, VideoSpec
+from workers.decode import resize_rgb
+from workers.listing import VIDEO, list_shards
+from workers.video import FrameRow, histogram_distance, video_rows
+
+SIZE = (96, 64)  # width, height of the test videos
+DECODE = DecodeSpec(height=32, width=32, mode="exact")
+CUTS = [2.0, 3.5, 6.5]  # shots of 2.0, 1.5, 3.0 and 1.5 s
+LENGTHS = [2.0, 1.5, 3.0, 1.5]
+
+
+@pytest.fixture(scope="module")
+def stills(photos):
+    return [photos[n] for n in ("astronaut", "coffee", "chelsea", "rocket")]
+
+
+@pytest.fixture(scope="module")
+def clips(stills) -> dict[str, bytes]:
+    frames = shots(stills, LENGTHS, fps=10, size=SIZE)
+    return {
+        "h264": encode(frames, "h264", fps=10),
+        "vp9": encode(frames, "vp9", fps=10),
+        "long_gop": encode(frames, "h264", fps=10, gop=50),
+        "short_gop": encode(frames, "h264", fps=10, gop=5),
+    }
+
+
+def plain_frames(data: bytes) -> list[tuple[float, np.ndarray, bool]]:
+    """What users write: decode every frame, ``(time from the stream start, RGB, keyframe)``."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        start = stream.start_time or 0
+        return [
+            (float((f.pts - start) * stream.time_base), f.to_ndarray(format="rgb24"), f.key_frame)
+            for f in container.decode(stream)
+        ]
+
+
+def duration_of(data: bytes) -> float:
+    """The stream's duration from its header, as PyAV reports it: the last frame is shown until then."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        if stream.duration:
+            return float(stream.duration * stream.time_base)
+        return container.duration / 1_000_000  # WebM keeps it in the container only
+
+
+def shown_at(frames, t: float) -> int:
+    """Index of the frame on screen at time ``t``: the last that starts at or before it."""
+    return max(i for i, (ft, _rgb, _k) in enumerate(frames) if ft <= t + 1e-9)
+
+
+def rows_of(data: bytes, spec: VideoSpec, decode: DecodeSpec = DECODE, **kwargs) -> list[FrameRow]:
+    return list(video_rows(io.BytesIO(data), spec, decode, **kwargs))
+
+
+def pixels(rgb: np.ndarray, decode: DecodeSpec = DECODE) -> np.ndarray:
+    from PIL import Image
+
+    return resize_rgb(Image.fromarray(rgb), decode)
+
+
+# --------------------------------------------------------------------------- interval
+
+
+@pytest.mark.parametrize("clip", ["h264", "vp9", "long_gop", "short_gop"])
+@pytest.mark.parametrize("interval", [1.0, 0.25, 3.0])
+def test_interval_frames_are_the_frames_shown_at_each_multiple_of_the_interval(clips, clip, interval):
+    data = clips[clip]
+    truth = plain_frames(data)
+    rows = rows_of(data, VideoSpec(frame_interval=interval))
+    expected = sorted({shown_at(truth, t) for t in np.arange(0, duration_of(data) - 1e-9, interval)})
+    assert [r.kind for r in rows] == [None] * len(rows)
+    assert [r.index for r in rows] == expected
+    assert [r.time for r in rows] == pytest.approx([truth[i][0] for i in expected])
+    for r, i in zip(rows, expected, strict=True):
+        assert np.array_equal(r.pixels, pixels(truth[i][1])), (clip, r.time)
+    assert {(r.width, r.height) for r in rows} == {SIZE}
+    assert [r.duration for r in rows] == pytest.approx([8.0] * len(rows), abs=0.11)  # the header may add a frame
+
+
+def test_sparse_sampling_seeks_to_keyframes_and_still_gives_the_shown_frames(clips, monkeypatch):
+    """With a keyframe every 0.5 s and a frame every 3 s, the sampler seeks; the frames stay the true ones."""
+    from workers import video
+
+    seeks = []
+    real = video._Decoder._jump
+    monkeypatch.setattr(video._Decoder, "_jump", lambda self, s: (seeks.append(s), real(self, s))[1])
+    data = clips["short_gop"]
+    truth = plain_frames(data)
+    rows = rows_of(data, VideoSpec(frame_interval=3.0))
+    assert seeks, "no seek happened"
+    assert [r.time for r in rows] == pytest.approx([0.0, 3.0, 6.0])
+    for r in rows:
+        assert np.array_equal(r.pixels, pixels(truth[shown_at(truth, r.time)][1]))
+
+
+def test_variable_frame_rate_picks_the_frame_on_screen(stills):
+    rng = np.random.default_rng(7)
+    times = np.cumsum(rng.uniform(0.03, 0.4, 40))
+    times = np.round(times - times[0], 3)
+    frames = pan_frames(stills[0], len(times), SIZE, shift=3)
+    data = encode(frames, "h264", times=list(times))
+    truth = plain_frames(data)
+    assert len({round(b - a, 3) for (a, _, _), (b, _, _) in zip(truth, truth[1:], strict=False)}) > 5  # really VFR
+    rows = rows_of(data, VideoSpec(frame_interval=0.5))
+    expected = sorted({shown_at(truth, t) for t in np.arange(0, duration_of(data) - 1e-9, 0.5)})
+    assert [r.time for r in rows] == pytest.approx([truth[i][0] for i in expected])
+    assert [r.index for r in rows] == expected
+    for r, i in zip(rows, expected, strict=True):
+        assert np.array_equal(r.pixels, pixels(truth[i][1]))
+
+
+def test_rotation_metadata_turns_the_frame_upright(stills):
+    frames = pan_frames(stills[1], 10, SIZE)
+    flat = rows_of(encode(frames, "h264"), VideoSpec())
+    turned = rows_of(encode(frames, "h264", rotation=90), VideoSpec())
+    assert (flat[0].width, flat[0].height) == SIZE
+    assert (turned[0].width, turned[0].height) == (SIZE[1], SIZE[0])
+    truth = plain_frames(encode(frames, "h264", rotation=90))
+    assert np.array_equal(turned[0].pixels, pixels(np.rot90(truth[0][1])))  # counter-clockwise, as the matrix says
+
+
+def test_ten_bit_video_decodes(stills):
+    data = encode(pan_frames(stills[2], 10, SIZE), "h264", pix_fmt="yuv420p10le")
+    with av.open(io.BytesIO(data)) as c:
+        assert "10" in c.streams.video[0].codec_context.pix_fmt
+    (row,) = rows_of(data, VideoSpec())
+    assert row.kind is None and row.pixels.shape == (32, 32, 3) and row.pixels.mean() > 10
+
+
+# --------------------------------------------------------------------------- keyframes, scenes
+
+
+def test_keyframes_mode_gives_exactly_the_keyframes(clips):
+    for clip in ("h264", "vp9", "short_gop"):
+        truth = plain_frames(clips[clip])
+        rows = rows_of(clips[clip], VideoSpec(frame_sampling="keyframes"))
+        expected = [i for i, (_t, _rgb, key) in enumerate(truth) if key]
+        assert [r.index for r in rows] == expected, clip
+        for r, i in zip(rows, expected, strict=True):
+            assert np.array_equal(r.pixels, pixels(truth[i][1]))
+
+
+def scene_videos(stills) -> list[tuple[str, bytes, list[float]]]:
+    """Test videos with known cuts: (name, bytes, cut times)."""
+    out = []
+    for codec in ("h264", "vp9"):
+        out.append((f"{codec}-4-shots", encode(shots(stills, LENGTHS, 10, SIZE), codec, fps=10), CUTS))
+    order = [stills[i] for i in (2, 0, 3, 1, 2, 3)]
+    lengths = [1.0, 0.7, 2.2, 0.5, 1.6, 1.0]
+    cuts = list(np.round(np.cumsum(lengths)[:-1], 3))
+    out.append(("h264-6-shots-25fps", encode(shots(order, lengths, 25, SIZE), "h264", fps=25, gop=100), cuts))
+    return out
+
+
+def test_scene_mode_finds_every_cut_within_a_quarter_second(stills):
+    found = missed = false = 0
+    for name, data, cuts in scene_videos(stills):
+        rows = rows_of(data, VideoSpec(frame_sampling="scene", max_scene_seconds=100))
+        starts = [r.time for r in rows][1:]  # the first row is the video's first frame
+        hits = [c for c in cuts if any(abs(s - c) <= 0.25 for s in starts)]
+        found += len(hits)
+        missed += len(cuts) - len(hits)
+        false += sum(not any(abs(s - c) <= 0.25 for c in cuts) for s in starts)
+        assert rows[0].time == 0.0, name
+    precision, recall = found / (found + false), found / (found + missed)
+    print(f"scene cuts: precision {precision:.2f}, recall {recall:.2f} ({found} found, {missed} missed, {false} false)")
+    assert (precision, recall) == (1.0, 1.0)
+
+
+def test_scene_mode_adds_interval_frames_inside_long_shots(clips):
+    rows = rows_of(clips["h264"], VideoSpec(frame_sampling="scene", max_scene_seconds=2.5, frame_interval=1.0))
+    # Shots start at 0, 2, 3.5 and 6.5; only the 3-second shot is longer than 2.5 s.
+    assert [r.time for r in rows] == pytest.approx([0.0, 2.0, 3.5, 4.5, 5.5, 6.5])
+
+
+def test_histogram_distance_bounds():
+    a = np.array([1.0, 0.0])
+    assert histogram_distance(a, a) == 0.0 and histogram_distance(a, np.array([0.0, 1.0])) == 1.0
+
+
+# --------------------------------------------------------------------------- limits and bad input
+
+
+def test_max_frames_per_video_ends_with_one_frame_limit_row(clips):
+    rows = rows_of(clips["h264"], VideoSpec(frame_interval=0.5, max_frames_per_video=3))
+    assert [r.kind for r in rows] == [None, None, None, schema.FRAME_LIMIT_REACHED]
+    assert "3 frames" in rows[-1].error
+
+
+def test_frames_above_the_pixel_limit_are_refused_from_the_header(clips):
+    rows = rows_of(clips["h264"], VideoSpec(), replace(DECODE, max_image_pixels=SIZE[0] * SIZE[1] - 1))
+    assert [r.kind for r in rows] == [schema.DECOMPRESSION_BOMB]
+    assert f"{SIZE[0]}x{SIZE[1]}" in rows[0].error
+
+
+def _corrupt_middle(data: bytes) -> bytes:
+    """The same MP4 with the middle of its media data overwritten by noise (index intact)."""
+    start = data.index(b"mdat") + 8
+    end = start + (len(data) - start) // 2
+    noisy = bytearray(data)
+    noisy[start + (end - start) // 2 : end] = np.random.default_rng(3).bytes(end - start - (end - start) // 2)
+    return bytes(noisy)
+
+
+@pytest.mark.parametrize(
+    ("case", "kind"),
+    [
+        ("text named .mp4", schema.NOT_A_VIDEO),
+        ("moov atom missing", schema.TRUNCATED_VIDEO),
+        ("audio only", schema.NO_VIDEO_STREAM),
+    ],
+)
+def test_broken_videos_become_one_error_row(clips, case, kind):
+    data = {
+        "text named .mp4": b"this is a text file, not a video\n" * 20,
+        "moov atom missing": clips["h264"][: len(clips["h264"]) // 2],  # libx264 MP4: moov at the end
+        "audio only": audio_only(),
+    }[case]
+    rows = rows_of(data, VideoSpec())
+    assert [r.kind for r in rows] == [kind], rows
+    assert rows[0].error and rows[0].pixels is None
+
+
+def test_corrupt_packets_mid_stream_keep_the_frames_before(clips):
+    data = _corrupt_middle(clips["long_gop"])
+    rows = rows_of(data, VideoSpec(frame_interval=0.5))
+    good = [r for r in rows if r.kind is None]
+    assert good and good[0].time == 0.0
+    # Either FFmpeg reports the damage (one error row last) or it conceals it; never a crash,
+    # and the frames before the damage are exactly the true ones.
+    assert all(r.kind is None for r in rows[:-1])
+    assert rows[-1].kind in (None, schema.VIDEO_DECODE_FAILED)
+    truth = plain_frames(clips["long_gop"])
+    assert np.array_equal(good[0].pixels, pixels(truth[0][1]))
+
+
+# --------------------------------------------------------------------------- spans
+
+
+def test_a_large_video_is_split_into_spans_whose_frames_add_up_to_the_whole(tmp_path, stills):
+    frames = shots(stills, LENGTHS, fps=10, size=SIZE)
+    data = encode(frames, "h264", fps=10, gop=10)
+    (tmp_path / "film.MP4").write_bytes(data)
+    spec = VideoSpec(frame_interval=0.5, span_seconds=3.0, split_above_bytes=1)
+    from workers.config import InputSpec
+
+    shards, stats = list_shards(InputSpec(urls=(str(tmp_path),)), StorageOptions(), video=spec)
+    assert [(s.name, s.format, s.start_s, s.end_s) for s in shards] == [
+        ("film.MP4.t0", VIDEO, 0.0, 3.0), ("film.MP4.t3", VIDEO, 3.0, 6.0), ("film.MP4.t6", VIDEO, 6.0, 0.0)
+    ]  # fmt: skip
+    assert (stats.video_files, stats.video_shards) == (1, 3)
+    whole = rows_of(data, spec)
+    parts = [r for s in shards for r in rows_of(data, spec, start=s.start_s, end=s.end_s or None)]
+    assert [r.time for r in parts] == [r.time for r in whole] == pytest.approx(list(np.arange(0, 8, 0.5)))
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(parts, whole, strict=True))
+    # Unsplit below the size threshold.
+    small, _ = list_shards(InputSpec(urls=(str(tmp_path),)), StorageOptions(), video=VideoSpec())
+    assert [(s.name, s.end_s) for s in small] == [("film.MP4", 0.0)]
