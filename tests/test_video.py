@@ -7,11 +7,19 @@ the frame sampled for a time must be the very frame that loop shows then.
 from __future__ import annotations
 
 import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import av
 import numpy as np
 import pytest
+from helpers import driver_env, output_ids, read_markers, read_output, tar_bytes
 from videofactory import audio_only, encode, pan_frames, shots
 
 from workers import schema
@@ -275,3 +283,153 @@ def test_a_large_video_is_split_into_spans_whose_frames_add_up_to_the_whole(tmp_
     # Unsplit below the size threshold.
     small, _ = list_shards(InputSpec(urls=(str(tmp_path),)), StorageOptions(), video=VideoSpec())
     assert [(s.name, s.end_s) for s in small] == [("film.MP4", 0.0)]
+
+
+# --------------------------------------------------------------------------- through the job
+
+
+def _video2dataset_tar(clips: dict[str, bytes]) -> bytes:
+    """video2dataset's layout: ``<key>.mp4`` + ``<key>.txt`` + ``<key>.json`` per sample."""
+    members = []
+    for i, (name, data) in enumerate(clips.items()):
+        members += [(f"{i:05d}.mp4", data), (f"{i:05d}.txt", name.encode()), (f"{i:05d}.json", b"{}")]
+    return tar_bytes(members)
+
+
+@pytest.mark.slow
+def test_cli_videos_from_a_folder_and_a_tar_on_s3_give_one_row_per_second(
+    ray_cluster, s3_endpoint, s3_bucket, s3_storage, clips, tmp_path
+):
+    """The issue's command: videos in an S3 folder and in a tar, interval sampling at 1 s, tiny-random model."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage.fsspec_options())
+    folder = {"a.mp4": clips["h264"], "sub/b.WEBM": clips["vp9"], "text.mp4": b"not a video\n" * 50,
+              "cut.mp4": clips["h264"][:3000], "sound.mp4": audio_only()}  # fmt: skip
+    for name, data in folder.items():
+        fs.pipe(f"{s3_bucket}/in/videos/{name}", data)
+    fs.pipe(f"{s3_bucket}/in/clips.tar", _video2dataset_tar({"long": clips["long_gop"], "bad": b"\x00" * 4000}))
+    cmd = [sys.executable, "-m", "jobs.annotate", "--input", f"s3://{s3_bucket}/in/videos/",
+           f"s3://{s3_bucket}/in/clips.tar", "--output", f"s3://{s3_bucket}/out", "--endpoint-url", s3_endpoint,
+           "--frame-sampling", "interval", "--frame-interval", "1.0", "--model", "tiny-random",
+           "--model-cache-dir", str(tmp_path / "models"), "--max-new-tokens", "3",
+           "--passthrough-columns", "txt"]  # fmt: skip
+    proc = subprocess.run(cmd, env=driver_env(ray_cluster.get_runtime_context().gcs_address),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_output(f"s3://{s3_bucket}/out", s3_storage.fsspec_options())
+    by_key: dict[str, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault(r["key"], []).append(r)
+    for key in ("a.mp4", "sub/b.WEBM", "00000"):
+        frames = sorted(by_key[key], key=lambda r: r["frame_time"])
+        assert [r["frame_time"] for r in frames] == pytest.approx([float(t) for t in range(8)]), key
+        assert [r["frame_index"] for r in frames] == [10 * t for t in range(8)], key
+        assert {r["status"] for r in frames} == {"ok"} and all(isinstance(r["caption"], str) for r in frames)
+        assert [r["id"] for r in frames] == [f"{frames[0]['source']}::{key}#t={t}.000" for t in range(8)]
+        assert all(r["video_duration"] == pytest.approx(8.0, abs=0.11) for r in frames)
+    assert {r["txt"] for r in by_key["00000"]} == {"long"}
+    errors = {r["key"]: r["error_kind"] for r in rows if r["status"] == "error"}
+    assert errors == {"text.mp4": "not_a_video", "cut.mp4": "truncated_video", "sound.mp4": "no_video_stream",
+                      "00001": "not_a_video"}  # fmt: skip
+    assert all(r["frame_time"] is None and r["id"] == f"{r['source']}::{r['key']}"
+               for r in rows if r["status"] == "error")  # fmt: skip
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 3 * 8 + 4
+    summary = json.loads(fs.cat(f"{s3_bucket}/out/_summary.json"))
+    assert (summary["inputs"], summary["ok"], summary["errors"]) == (28, 24, 4)
+    assert summary["listing"]["video_files"] == 5
+
+
+@pytest.mark.slow
+def test_frame_captions_equal_the_plain_recipe_on_the_same_frame(ray_cluster, tiny_models, clips, photos, tmp_path):
+    """Images and videos in one job, decode mode exact: each frame's caption and answer are what
+    Blip2Processor + generate give for that decoded frame; the resumed run is refused if the sampling changes."""
+    from imagefactory import jpeg_bytes
+    from reference import Reference
+
+    from jobs.annotate import main
+    from workers.config import GenerationSpec
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "clip.mkv").write_bytes(_remux(clips["h264"], "matroska"))
+    (tmp_path / "in" / "photo.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_models["opt"]),
+            "--max-new-tokens", "5", "--decode-mode", "exact", "--frame-interval", "2.5",
+            "--questions", "What is it?"]  # fmt: skip
+    assert main(args) == 0
+    rows = sorted(read_output(str(out)), key=lambda r: (r["key"], r["frame_time"] or 0))
+    assert [(r["key"], r["frame_time"]) for r in rows] == [
+        ("clip.mkv", 0.0), ("clip.mkv", 2.5), ("clip.mkv", 5.0), ("clip.mkv", 7.5), ("photo.jpg", None)
+    ]  # fmt: skip
+    ref = Reference(tiny_models["opt"], GenerationSpec(max_new_tokens=5))
+    truth = plain_frames(clips["h264"])
+    for r in rows[:-1]:
+        rgb = truth[shown_at(truth, r["frame_time"])][1]
+        assert r["caption"] == ref(rgb, None)[0], r["frame_time"]
+        assert r["answers"][0]["answer"] == ref(rgb, "Question: What is it? Answer:")[0]
+    assert main([*args[:-4], "--frame-interval", "1.0", "--questions", "What is it?"]) == 2  # settings differ
+
+
+def _remux(data: bytes, fmt: str) -> bytes:
+    """The same H.264 stream in another container (no re-encoding)."""
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(out, mode="w", format=fmt) as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_driver_sigkill_chaos_over_videos_ends_with_one_row_per_sampled_frame(ray_cluster, tmp_path, tiny_models,
+                                                                              stills):  # fmt: skip
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "20261203")))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    expected = set()
+    for v in range(10):
+        frames = shots([stills[(v + k) % 4] for k in range(3)], [1.0, 1.5, 1.5], fps=10, size=SIZE)
+        (inp / f"v{v}.mp4").write_bytes(encode(frames, "h264", fps=10))
+        expected |= {f"{inp}/v{v}.mp4::v{v}.mp4#t={t / 2:.3f}" for t in range(8)}
+    cmd = [sys.executable, "-m", "jobs.annotate", "--input", str(inp), "--output", str(out),
+           "--model", str(tiny_models["opt"]), "--max-new-tokens", "3", "--frame-interval", "0.5",
+           "--batch-size", "4"]  # fmt: skip
+    env = driver_env(ray_cluster.get_runtime_context().gcs_address)
+    attempts = []
+    for attempt in range(8):
+        done_before = read_markers(out)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if sum(how == "killed" for _, how, _ in attempts) < 2:
+            while proc.poll() is None and len(read_markers(out)) <= len(done_before):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.8))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                attempts.append((attempt, "killed", len(read_markers(out))))
+                continue
+        stdout, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-3000:]
+        attempts.append((attempt, "finished", len(read_markers(out))))
+        break
+    print("attempts (attempt, how it ended, markers):", attempts)
+    assert any(how == "killed" and 0 < n < 10 for _, how, n in attempts), attempts
+    ids = output_ids(out)
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_this_run"] == len(expected) - sum(m["rows"] for m in done_before.values())
+
+
+def test_a_frame_on_screen_across_a_span_boundary_is_one_row(stills):
+    """2 fps, a frame every 0.3 s, spans of 0.9 s: the frame at 0.5 s is on screen at 0.6 and at 0.9."""
+    data = encode(pan_frames(stills[3], 8, SIZE, shift=5), "h264", fps=2)
+    spec = VideoSpec(frame_interval=0.3, span_seconds=0.9)
+    whole = [r.time for r in rows_of(data, spec)]
+    parts = [r.time for a, b in ((0.0, 0.9), (0.9, 1.8), (1.8, 2.7), (2.7, None))
+             for r in rows_of(data, spec, start=a, end=b)]  # fmt: skip
+    assert whole == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+    assert parts == whole

@@ -241,8 +241,12 @@ def _keyframes(frames: _Decoder, spec: VideoSpec, start: float):
 def _interval(frames: _Decoder, spec: VideoSpec, start: float):
     """The frames shown at k*T in ``[start, end)``: for each target the last frame starting at or before it."""
     interval, end = spec.frame_interval, frames.end
-    k = math.ceil(start / interval - 1e-9)
-    frames.want_at = k * interval
+    # Targets are k*T rounded to the nanosecond, so spans that meet at a target agree on it.
+    k = math.ceil(round(start / interval, 6))
+    frames.want_at = round(k * interval, 9)
+    # A span owns its targets; a frame on screen since before the span's first target
+    # that was also on screen at the previous span's last target is that span's row.
+    before_span = round((k - 1) * interval, 9) if start > 0 else -math.inf
     previous: tuple[float, int, Any] | None = None
     emitted = None  # pts of the frame emitted last: a frame shown at several targets is emitted once
     sought = -math.inf  # the target of the last seek: at most one seek per target, so reading always advances
@@ -250,13 +254,13 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
     def advance() -> bool:
         nonlocal k
         k += 1
-        frames.want_at = k * interval
-        return end is None or frames.want_at < end
+        frames.want_at = round(k * interval, 9)
+        return end is None or frames.want_at < end - 1e-9
 
     for t, index, frame in frames:
         while frames.want_at < t - 1e-9:
             chosen = previous or (t, index, frame)  # before the first frame: the first frame
-            if chosen[2].pts != emitted:
+            if chosen[2].pts != emitted and chosen[0] > before_span + 1e-9:
                 emitted = chosen[2].pts
                 yield chosen
             if not advance():
@@ -275,7 +279,7 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
                 frames.seek_to(sought)
                 previous = None
     # The last frame stays on screen to the end: a target before the end shows it.
-    if previous is not None and previous[2].pts != emitted:
+    if previous is not None and previous[2].pts != emitted and previous[0] > before_span + 1e-9:
         until = frames.clock.duration if frames.clock.duration is not None else math.inf
         if frames.want_at < until and (end is None or frames.want_at < end):
             yield previous
@@ -286,7 +290,7 @@ def _scene(frames: _Decoder, spec: VideoSpec, start: float):
     the first frame at or after each shot_start + k*T (held until the shot is that long)."""
     interval = spec.frame_interval
     previous_hist = None
-    shot_start = 0.0
+    shot_start: float | None = None  # a span's first frame starts a shot too
     next_extra = math.inf
     held: list[tuple[float, int, Any]] = []  # extra frames of the current shot, not yet known to be long
     for t, index, frame in frames:
@@ -295,7 +299,7 @@ def _scene(frames: _Decoder, spec: VideoSpec, start: float):
         previous_hist = hist
         if t < start:
             continue  # before a span's start: only the histogram counts
-        if cut or t == start:
+        if cut or shot_start is None:
             held = []
             shot_start, next_extra = t, t + interval
             yield t, index, frame
@@ -438,7 +442,8 @@ def decode_with_videos(batch: pa.Table, decode: DecodeSpec, video: VideoSpec, ba
     if not videos:
         yield decode_batch(batch, decode)
         return
-    others = [i for i in range(batch.num_rows) if i not in set(videos)]
+    is_video = set(videos)
+    others = [i for i in range(batch.num_rows) if i not in is_video]
     if others:
         yield decode_batch(batch.take(pa.array(others, pa.int64())), decode)
     for i in videos:
