@@ -433,3 +433,29 @@ def test_a_frame_on_screen_across_a_span_boundary_is_one_row(stills):
              for r in rows_of(data, spec, start=a, end=b)]  # fmt: skip
     assert whole == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
     assert parts == whole
+
+
+def test_read_and_decode_expands_tar_video_members_and_counts_their_frames(tmp_path, clips, photos):
+    """A local tar mixing an image sample and a video sample: the shard_end row counts frames, not samples."""
+    import pyarrow as pa
+    from imagefactory import jpeg_bytes
+
+    from jobs.settings import build_config
+    from workers.pipeline import read_and_decode, shard_items
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "mixed.tar").write_bytes(
+        tar_bytes([("img.jpg", jpeg_bytes(photos["coffee"])), ("vid.mp4", clips["vp9"]), ("vid.txt", b"t")])
+    )
+    cfg = build_config({"input": [str(tmp_path / "in")], "output": str(tmp_path / "out"), "frame_interval": 2.0})
+    shards, _ = list_shards(cfg.input, cfg.storage, video=cfg.video)
+    tables = list(read_and_decode(pa.Table.from_pylist(shard_items(shards)), cfg.input, cfg.storage, 3, DECODE,
+                                  cfg.video))  # fmt: skip
+    rows = pa.concat_tables(tables).drop_columns([schema.PIXELS]).to_pylist()
+    data_rows = [r for r in rows if r[schema.STATUS] != schema.STATUS_SHARD_END]
+    assert sorted((r["key"], r["frame_time"]) for r in data_rows) == [
+        ("img", None), ("vid", 0.0), ("vid", 2.0), ("vid", 4.0), ("vid", 6.0)
+    ]  # fmt: skip
+    (end,) = [r for r in rows if r[schema.STATUS] == schema.STATUS_SHARD_END]
+    assert end[schema.SHARD_ROWS] == len(data_rows) == 5
+    assert len({r["id"] for r in data_rows}) == 5
