@@ -459,3 +459,22 @@ def test_read_and_decode_expands_tar_video_members_and_counts_their_frames(tmp_p
     (end,) = [r for r in rows if r[schema.STATUS] == schema.STATUS_SHARD_END]
     assert end[schema.SHARD_ROWS] == len(data_rows) == 5
     assert len({r["id"] for r in data_rows}) == 5
+
+
+def test_fast_mode_frames_are_close_to_exact_ones(clips):
+    exact = rows_of(clips["h264"], VideoSpec())
+    fast = rows_of(clips["h264"], VideoSpec(), replace(DECODE, mode="fast"))
+    assert [r.time for r in fast] == [r.time for r in exact]
+    for a, b in zip(fast, exact, strict=True):
+        mse = np.mean((a.pixels.astype(float) - b.pixels.astype(float)) ** 2)
+        assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 25, a.time
+        assert (a.width, a.height) == (b.width, b.height)
+
+
+def test_fast_mode_turns_rotated_frames_upright_too(stills):
+    data = encode(pan_frames(stills[1], 10, (96, 48)), "h264", rotation=90)
+    exact = rows_of(data, VideoSpec())[0]
+    fast = rows_of(data, VideoSpec(), replace(DECODE, mode="fast"))[0]
+    assert (fast.width, fast.height) == (exact.width, exact.height) == (48, 96)
+    mse = np.mean((fast.pixels.astype(float) - exact.pixels.astype(float)) ** 2)
+    assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 25

@@ -27,6 +27,11 @@ among the packets demuxed so far (every packet with an earlier presentation time
 precedes it in decoding order, decoded or skipped).  After a seek it is the time
 times the average frame rate, exact for constant frame rates.  ``width``/``height``
 are the frame's size after its rotation metadata.
+
+Pixels: ``DecodeSpec.mode="exact"`` converts the frame to full-size RGB and resizes
+it as :func:`workers.decode.decode_image` does (what BlipImageProcessor does to the
+same frame); ``"fast"`` (the default) has FFmpeg's swscale convert and scale in one
+pass, with area averaging, within the PSNR that tests/test_video.py holds it to.
 """
 
 from __future__ import annotations
@@ -380,19 +385,20 @@ def _video_rows(file: BinaryIO, video: VideoSpec, decode: DecodeSpec, start: flo
 
 
 def _frame_row(frame: Any, t: float, index: int, duration: float | None, decode: DecodeSpec) -> FrameRow:
-    rgb = frame.to_ndarray(format="rgb24")
     turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns
-    if turns:
-        rgb = np.rot90(rgb, turns)
-    picture = Image.fromarray(np.ascontiguousarray(rgb))
-    return FrameRow(
-        pixels=resize_rgb(picture, decode),
-        width=picture.width,
-        height=picture.height,
-        time=t,
-        index=index,
-        duration=duration,
-    )
+    width, height = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    if decode.mode == "fast":
+        # One swscale pass from the decoder's YUV straight to the model's size (area
+        # averaging), instead of a full-size RGB frame and a bicubic resize of it.
+        size = (decode.height, decode.width) if turns % 2 else (decode.width, decode.height)
+        small = frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
+        pixels = np.ascontiguousarray(np.rot90(small, turns)) if turns else small
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
+        if turns:
+            rgb = np.rot90(rgb, turns)
+        pixels = resize_rgb(Image.fromarray(np.ascontiguousarray(rgb)), decode)
+    return FrameRow(pixels=pixels, width=width, height=height, time=t, index=index, duration=duration)
 
 
 # --------------------------------------------------------------------------- tables
