@@ -38,6 +38,7 @@ class FaultyProxy:
         self.every = every
         self.requests: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()  # "GET /bucket/key" -> count, query strings dropped
+        self.bytes_served: Counter[str] = Counter()  # "GET /bucket/key" -> body bytes relayed
         self.faults: Counter[str] = Counter()  # "GET 503", "PUT drop", ...
         # "GET /bucket/key" entries answered 500 every time, whatever the schedule: an outage of
         # those objects, past every retry.  Tests add and remove entries while the proxy runs.
@@ -113,6 +114,8 @@ class FaultyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.bytes_served[what] += len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

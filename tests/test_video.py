@@ -478,3 +478,28 @@ def test_fast_mode_turns_rotated_frames_upright_too(stills):
     assert (fast.width, fast.height) == (exact.width, exact.height) == (48, 96)
     mse = np.mean((fast.pixels.astype(float) - exact.pixels.astype(float)) ** 2)
     assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 25
+
+
+def test_a_span_of_a_video_on_s3_is_read_in_ranges_not_whole(s3_endpoint, s3_bucket, stills, monkeypatch):
+    """The last span of an S3 video: FFmpeg seeks, fsspec fetches blocks, far less than the file comes over."""
+    import s3fs
+    from faulty_proxy import FaultyProxy
+
+    from workers import video
+    from workers.config import InputSpec
+    from workers.listing import ShardRef
+
+    frames = shots(stills, [4.0, 4.0, 4.0, 4.0], fps=10, size=(320, 240))
+    data = encode(frames, "h264", fps=10, gop=10)
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).pipe_file(f"{s3_bucket}/v/film.mp4", data)
+    monkeypatch.setattr(video, "READ_BLOCK_BYTES", 16 * 1024)  # blocks far smaller than the test file
+    uri = f"s3://{s3_bucket}/v/film.mp4"
+    shard = ShardRef(uri=uri, format=VIDEO, name="film.mp4.t14", root=f"s3://{s3_bucket}/v", start_s=14.0)
+    with FaultyProxy(s3_endpoint, every=0) as proxy:
+        tables = list(video.read_video_shard(shard, InputSpec(urls=(uri,)), StorageOptions(endpoint_url=proxy.url),
+                                             DECODE, VideoSpec(), batch_rows=8))  # fmt: skip
+    times = [t for table in tables for t in table.column(schema.FRAME_TIME).to_pylist()]
+    assert times == pytest.approx([14.0, 15.0])
+    served = proxy.bytes_served[f"GET /{s3_bucket}/v/film.mp4"]
+    print(f"{served} of {len(data)} bytes fetched in {proxy.paths[f'GET /{s3_bucket}/v/film.mp4']} GETs")
+    assert 0 < served < len(data) / 2

@@ -65,6 +65,9 @@ FULL_DECODE_MARGIN_S = 0.5
 # the current position: a seek costs a demuxer reset and the frames from the
 # keyframe to the target (measured in BENCHMARKS.md, "Video").
 SEEK_MIN_GAP_S = 2.0
+# Ranged reads of this size: FFmpeg reads sequentially and seeks now and then, so a
+# readahead cache of a few MB keeps S3 requests few without holding the file.
+READ_BLOCK_BYTES = 4 * 1024**2
 THUMB_SIZE = (64, 36)
 HISTOGRAM_BINS = 32
 
@@ -471,8 +474,7 @@ def read_video_shard(
             rows: Iterator[FrameRow] = iter([FrameRow(kind=schema.EMPTY_FILE, error="the file is empty (0 bytes)")])
             yield from _tables(base, rows, decode, batch_rows)
             return
-        # Block reads sized for video: FFmpeg reads sequentially and seeks now and then.
-        f = reads.call(fs.open, path, "rb", block_size=4 * 1024**2, cache_type="readahead")
+        f = reads.call(fs.open, path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
         with TracedFile(f, reads) as traced:
             yield from _tables(base, video_rows(traced, video, decode, shard.start_s, end, reads), decode, batch_rows)
     except OSError as exc:
