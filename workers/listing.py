@@ -56,8 +56,6 @@ MAX_NAME_CHARS = 120
 _SUFFIXES = {WEBDATASET: TAR_SUFFIXES, PARQUET: PARQUET_SUFFIXES, IMAGES: IMAGE_EXTENSIONS, VIDEO: VIDEO_EXTENSIONS}
 # Concurrent duration probes of large videos while listing (a few ranged reads each).
 _PROBE_THREADS = 16
-# A header duration above this is not trusted for splitting (workers/video.py reads such a video whole).
-_MAX_SPLIT_SECONDS = 7 * 24 * 3600.0
 _GLOB_CHARS = ("*", "?", "[")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_EXAMPLES = 10
@@ -245,22 +243,15 @@ def probe_duration(uri: str, storage: StorageOptions) -> float | None:
     when it cannot be read or claims an absurd length: such a video is one shard."""
     import av
 
+    from workers.video import header_duration  # here: workers.video imports this module
+
     fs, path = filesystem_for(uri, storage)
     try:
         with fs.open(path, "rb", block_size=256 * 1024) as f, av.open(f, metadata_errors="ignore") as container:
             streams = container.streams.video
-            if not streams:
-                return None
-            stream = streams[0]
-            if stream.duration and stream.time_base:
-                seconds = float(stream.duration * stream.time_base)
-            elif container.duration:
-                seconds = container.duration / 1_000_000
-            else:
-                return None
+            return header_duration(container, streams[0]) if streams else None
     except (OSError, av.error.FFmpegError, ValueError):
         return None  # the reader reports what is wrong with it, as an error row
-    return seconds if 0 < seconds < _MAX_SPLIT_SECONDS else None
 
 
 @dataclass

@@ -133,6 +133,18 @@ def _moov_missing(file: BinaryIO) -> bool:
     return len(head) >= 8 and head[4:8] in (b"ftyp", b"mdat", b"free", b"wide")
 
 
+def header_duration(container: Any, stream: Any) -> float | None:
+    """The video's duration in seconds from its header (the stream's, else the container's),
+    or None when it gives none or one of MAX_TRUSTED_SECONDS or more."""
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1_000_000
+    else:
+        return None
+    return seconds if 0 < seconds < MAX_TRUSTED_SECONDS else None
+
+
 class _Clock:
     """Times and indexes of one stream's frames, from its time base and sample index."""
 
@@ -141,12 +153,7 @@ class _Clock:
         self.start_pts = stream.start_time or 0
         rate = stream.average_rate or stream.guessed_rate
         self.rate = float(rate) if rate else None
-        duration = None
-        if stream.duration:
-            duration = stream.duration * self.time_base
-        elif container.duration:
-            duration = container.duration / 1_000_000
-        self.duration = duration if duration is not None and 0 < duration < MAX_TRUSTED_SECONDS else None
+        self.duration = header_duration(container, stream)
         self.keyframe_times: list[float] = []
         try:
             # The container's index (MP4/MOV: every sample; MKV/WebM: its cues), for seeking.
