@@ -88,8 +88,9 @@ def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, A
                   # Which columns become keys when key_column is unset: part of every row's id.
                   "key_column_auto": [] if cfg.input.key_column else list(KEY_COLUMN_CANDIDATES)},
         "decode": {"max_image_pixels": cfg.decode.max_image_pixels, "mode": cfg.decode.mode},
-        # Which frames become rows, and how videos are cut into shards (their names).
-        "video": asdict(cfg.video),
+        # Which frames become rows, and how videos are cut into shards (their names);
+        # not how many threads decode them.
+        "video": {k: v for k, v in asdict(cfg.video).items() if k != "decode_threads"},
         "output": {"partition_by": cfg.output.partition_by},
         "code_version": code_version(),
     }  # fmt: skip

@@ -65,6 +65,7 @@ RENAMED: dict[str, tuple[str, str]] = {
     "decode_mode": ("decode", "mode"),
     "video_span_seconds": ("video", "span_seconds"),
     "video_split_above_bytes": ("video", "split_above_bytes"),
+    "video_decode_threads": ("video", "decode_threads"),
 }
 # Decode size/resample come from the model's preprocessor config, not users.
 NOT_SETTABLE = {("decode", "height"), ("decode", "width"), ("decode", "resample")}
@@ -205,6 +206,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-frames-per-video", type=int, help="then one frame_limit_reached row")
     g.add_argument("--video-span-seconds", type=float, help="large videos are split into shards of this length")
     g.add_argument("--video-split-above-bytes", type=int, help="videos this large are probed and split into spans")
+    g.add_argument("--video-decode-threads", type=int, help="FFmpeg threads (and CPUs reserved) per decode task")
     g = p.add_argument_group("output")
     g.add_argument("--output", help="output URL (local path or s3://)")
     g.add_argument("--partition-by", choices=PARTITION_BY)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -194,6 +195,36 @@ def test_scene_mode_finds_every_cut_within_a_quarter_second(stills):
     assert (precision, recall) == (1.0, 1.0)
 
 
+def test_a_flash_inside_a_shot_is_not_a_cut_but_a_cut_after_it_is(stills):
+    """Two bright frames in the middle of a shot: no cut at them, nor where they end."""
+    frames = pan_frames(stills[0], 30, SIZE) + pan_frames(stills[1], 20, SIZE)
+    for i in (12, 13):
+        frames[i] = np.clip(frames[i].astype(np.int16) + 90, 0, 255).astype(np.uint8)
+    rows = rows_of(encode(frames, "h264", fps=10), VideoSpec(frame_sampling="scene", max_scene_seconds=100))
+    assert [r.time for r in rows] == pytest.approx([0.0, 3.0])
+
+
+def test_interval_sampling_leaves_non_reference_frames_undecoded(clips, monkeypatch):
+    """At one frame per second of a 10 fps clip with B-frames, most B-frames are on screen
+    at no target: they never reach the decoder's output (the frames kept stay exact above)."""
+    from workers import video
+
+    decoded = []
+    real = video._Decoder.__iter__
+
+    def counting(self):
+        for item in real(self):
+            decoded.append(item[0])
+            yield item
+
+    monkeypatch.setattr(video._Decoder, "__iter__", counting)
+    data = clips["h264"]
+    rows = rows_of(data, VideoSpec(frame_interval=1.0))
+    total = len(plain_frames(data))
+    assert len(rows) == 8
+    assert len(decoded) < 0.75 * total, (len(decoded), total)
+
+
 def test_scene_mode_adds_interval_frames_inside_long_shots(clips):
     rows = rows_of(clips["h264"], VideoSpec(frame_sampling="scene", max_scene_seconds=2.5, frame_interval=1.0))
     # Shots start at 0, 2, 3.5 and 6.5; only the 3-second shot is longer than 2.5 s.
@@ -283,6 +314,47 @@ def test_a_large_video_is_split_into_spans_whose_frames_add_up_to_the_whole(tmp_
     # Unsplit below the size threshold.
     small, _ = list_shards(InputSpec(urls=(str(tmp_path),)), StorageOptions(), video=VideoSpec())
     assert [(s.name, s.end_s) for s in small] == [("film.MP4", 0.0)]
+
+
+def _claim_duration(webm: bytes, seconds: float) -> bytes:
+    """The WebM with its Segment Info's Duration (EBML 0x4489, a float64 in milliseconds at
+    the default timecode scale) claiming ``seconds``: FFmpeg takes it as the duration."""
+    at = webm.index(b"\x44\x89\x88") + 3
+    return webm[:at] + struct.pack(">d", seconds * 1000) + webm[at + 8 :]
+
+
+@pytest.mark.parametrize("claim", [4 * 86400.0, 300 * 365 * 86400.0])
+def test_an_absurd_duration_in_the_header_is_not_trusted(tmp_path, clips, claim):
+    """Four days in a 20 KB file (below any real bitrate) or 300 years: neither splits the
+    video into spans nor shows up as its duration; the frames are the honest file's."""
+    from workers.config import InputSpec
+
+    honest = clips["vp9"]
+    lying = _claim_duration(honest, claim)
+    with av.open(io.BytesIO(lying)) as container:
+        assert container.duration / 1e6 == pytest.approx(claim)  # FFmpeg believes it
+    (tmp_path / "lying.webm").write_bytes(lying)
+    spec = VideoSpec(span_seconds=600, split_above_bytes=1)
+    shards, _ = list_shards(InputSpec(urls=(str(tmp_path),)), StorageOptions(), video=spec)
+    assert [(s.name, s.start_s, s.end_s) for s in shards] == [("lying.webm", 0.0, 0.0)]
+    rows, truth = rows_of(lying, spec), rows_of(honest, spec)
+    assert [r.kind for r in rows] == [None] * 8
+    assert [r.time for r in rows] == [r.time for r in truth]
+    assert {r.duration for r in rows} == {None}
+
+
+def test_an_absurd_frame_rate_gives_one_row_per_target_not_per_frame(stills):
+    """100 frames 10 microseconds apart (a header rate of 100,000 fps): one row at 0 s, then
+    frame_interval decides, not the frame count; keyframes mode stops at max_frames_per_video."""
+    times = [i * 1e-5 for i in range(100)] + [2.0]
+    frames = pan_frames(stills[0], len(times), SIZE, shift=2)
+    data = encode(frames, "h264", times=times, time_base=100_000)
+    rows = rows_of(data, VideoSpec(frame_interval=1.0))
+    assert [r.kind for r in rows] == [None] * 3
+    assert [r.time for r in rows] == pytest.approx([0.0, 0.00099, 2.0])  # at 1 s the burst's last frame
+    capped = rows_of(data, VideoSpec(frame_sampling="scene", max_scene_seconds=1e-4, frame_interval=1e-5,
+                                     max_frames_per_video=20))  # fmt: skip
+    assert [r.kind for r in capped] == [None] * 20 + [schema.FRAME_LIMIT_REACHED]
 
 
 # --------------------------------------------------------------------------- through the job

@@ -40,12 +40,14 @@ def encode(
     times: Sequence[float] | None = None,
     rotation: int | None = None,
     pix_fmt: str | None = None,
+    time_base: int = 1000,
 ) -> bytes:
     """Encode RGB frames; returns the file's bytes.
 
     ``times``: presentation times in seconds (variable frame rate), else ``i / fps``.
     ``gop``: keyframe interval in frames.  ``rotation``: display-matrix rotation in
     degrees (counter-clockwise), as phones write it.  ``pix_fmt``: e.g. ``yuv420p10le``.
+    ``time_base``: ticks per second of ``times``.
     """
     fmt, encoder = CONTAINERS[codec]
     buf = io.BytesIO()
@@ -63,15 +65,15 @@ def encode(
             options["keyint_min"] = str(gop)
         stream.options = options
         if times is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-            stream.time_base = Fraction(1, 1000)
+            stream.codec_context.time_base = Fraction(1, time_base)
+            stream.time_base = Fraction(1, time_base)
         if rotation:
             stream.set_display_rotation(rotation)
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if times is not None:
-                frame.pts = round(times[i] * 1000)
-                frame.time_base = Fraction(1, 1000)
+                frame.pts = round(times[i] * time_base)
+                frame.time_base = Fraction(1, time_base)
             else:
                 frame.pts = i
                 frame.time_base = Fraction(1, fps)

@@ -154,15 +154,20 @@ class VideoSpec:
     frame_sampling: str = "interval"  # see FRAME_SAMPLINGS
     frame_interval: float = 1.0  # seconds between sampled frames (interval; inside long shots for scene)
     max_scene_seconds: float = 10.0  # scene: shots longer than this also get a frame every frame_interval
-    # scene: a cut is a change of the frames' luma histograms above this (half the L1
-    # distance, 0..1); tests/test_video.py measures precision and recall at the default.
-    scene_threshold: float = 0.3
+    # scene: a cut is a lasting change of the frames' luma histograms above this (half
+    # the L1 distance, 0..1).  Chosen with tools/bench_scene.py (BENCHMARKS.md, "Scene
+    # cuts"): 3x the largest change inside its shots of fast pans and zooms, no false cut.
+    scene_threshold: float = 0.15
     max_frames_per_video: int = 100_000  # then one frame_limit_reached row: an endless stream cannot flood the job
     # Videos at least split_above_bytes large are probed for their duration when the
     # job is listed and cut into spans of span_seconds, each its own shard: a 3-hour
     # film spreads over the cluster, and a crash recomputes only the spans in flight.
     span_seconds: float = 600.0
     split_above_bytes: int = 64 * 1024**2
+    # FFmpeg threads per decode task, which reserves as many CPUs (pipeline.py).  One
+    # by default: on a node whose every CPU runs a decode task, extra threads only
+    # add CPU-seconds (BENCHMARKS.md, "Video"); more pays for a few long videos on idle cores.
+    decode_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.frame_sampling not in FRAME_SAMPLINGS:
@@ -179,6 +184,8 @@ class VideoSpec:
             _fail("span_seconds", f"must be >= frame_interval ({self.frame_interval}), got {self.span_seconds}")
         if self.split_above_bytes < 1:
             _fail("split_above_bytes", f"must be >= 1, got {self.split_above_bytes}")
+        if not 1 <= self.decode_threads <= 64:
+            _fail("decode_threads", f"must be between 1 and 64, got {self.decode_threads}")
 
 
 @dataclass(frozen=True)

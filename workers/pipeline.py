@@ -124,7 +124,7 @@ def decoded_dataset(
         batch_size=1,  # one shard per task: a bad shard fails alone, shards parallelise
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None,
-        num_cpus=1,
+        num_cpus=(video_spec or VideoSpec()).decode_threads,
         # What a task holds at once: a reader block of raw bytes and its
         # pixels, plus one large photo being decoded.  Reserving it also keeps
         # these tasks apart from the model actors, which reserve no memory: Ray

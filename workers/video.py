@@ -13,13 +13,15 @@ member's bytes, bounded by ``max_member_bytes``.
 Sampling (``VideoSpec.frame_sampling``), by presentation time from the stream's start:
 
 * ``interval``: the frames shown at 0, T, 2T, ...: for each target the last frame
-  that starts at or before it, each distinct frame once.  Frames far from the next
-  target are decoded with FFmpeg's ``skip_frame=NONREF`` (non-reference frames are
-  dropped undecoded; no other frame depends on them, so nothing else changes), and
-  when the next target lies past a keyframe the demuxer seeks to it.
+  that starts at or before it, each distinct frame once.  A frame known to be on
+  screen at no target (a later frame, already demuxed, starts before the next one)
+  is handed to FFmpeg with ``skip_frame=NONREF``: dropped undecoded when it is a
+  non-reference frame (no other frame depends on it, so nothing else changes).
+  When the next target lies past a keyframe the demuxer seeks to it.
 * ``scene``: the first frame of every shot, plus one every T inside shots longer
   than ``max_scene_seconds``.  A cut is a jump in the 32-bin luma histogram of a
-  64x36 thumbnail of consecutive frames (see :func:`histogram_distance`).
+  64x36 thumbnail of consecutive frames (see :func:`histogram_distance`) that
+  lasts: a flash is not a cut (:func:`_cuts`).
 * ``keyframes``: the stream's keyframes only (``skip_frame=NONKEY``), the cheapest.
 
 ``frame_index`` is exact while the stream is read from its start: a frame's rank
@@ -39,6 +41,7 @@ from __future__ import annotations
 import bisect
 import io
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -58,9 +61,10 @@ from workers.storage import filesystem_for
 # Headers claiming more than this are not trusted (a hostile or broken file can
 # claim a duration of years): the video is then read as if its duration were unknown.
 MAX_TRUSTED_SECONDS = 7 * 24 * 3600.0
-# Near a target, decode every frame: half a second covers any B-frame reordering
-# in practice (FFmpeg's H.264 allows 16 frames; 30 fps x 0.5 s = 15).
-FULL_DECODE_MARGIN_S = 0.5
+# Nor a duration that leaves fewer bytes than this per second (1 kbit/s; a slideshow
+# at one H.264 frame per second needs several): a 2 KB file claiming five days would
+# otherwise be listed as 700 spans.
+MIN_TRUSTED_BYTES_PER_SECOND = 125
 # Seek only when the next target is at least this far past a keyframe ahead of
 # the current position: a seek costs a demuxer reset and the frames from the
 # keyframe to the target (measured in BENCHMARKS.md, "Video").
@@ -70,6 +74,9 @@ SEEK_MIN_GAP_S = 2.0
 READ_BLOCK_BYTES = 4 * 1024**2
 THUMB_SIZE = (64, 36)
 HISTOGRAM_BINS = 32
+# A cut must still be there this many frames later: covers a camera flash or an
+# explosion's one or two bright frames, at the price of missing shots shorter than that.
+FLASH_FRAMES = 2
 
 
 @dataclass
@@ -135,12 +142,16 @@ def _moov_missing(file: BinaryIO) -> bool:
 
 def header_duration(container: Any, stream: Any) -> float | None:
     """The video's duration in seconds from its header (the stream's, else the container's),
-    or None when it gives none or one of MAX_TRUSTED_SECONDS or more."""
+    or None when it gives none, one of MAX_TRUSTED_SECONDS or more, or one the file's
+    size cannot fill at MIN_TRUSTED_BYTES_PER_SECOND."""
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * stream.time_base)
     elif container.duration:
         seconds = container.duration / 1_000_000
     else:
+        return None
+    size = getattr(container, "size", 0) or 0  # 0 when the file object's size is unknown
+    if size and size < seconds * MIN_TRUSTED_BYTES_PER_SECOND:
         return None
     return seconds if 0 < seconds < MAX_TRUSTED_SECONDS else None
 
@@ -164,6 +175,14 @@ class _Clock:
     def seconds(self, pts: int) -> float:
         return (pts - self.start_pts) * self.time_base
 
+    def end_of(self, shown: tuple[float, int, Any]) -> float:
+        """When the frame ``(time, index, frame)`` leaves the screen, for the stream's last
+        frame when the header gives no duration to trust: its own duration, else one frame."""
+        t, _index, frame = shown
+        if frame.duration:
+            return t + frame.duration * self.time_base
+        return t + 1 / self.rate if self.rate else t
+
     def estimated_index(self, pts: int) -> int:
         return round(self.seconds(pts) * self.rate) if self.rate else -1
 
@@ -186,32 +205,46 @@ def _frames(container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: 
 
 class _Decoder:
     """A stream's frames in presentation order from ``start``, ``(time, index, frame)``,
-    with the interval sampler's hooks: ``want_at`` (skip non-reference frames far
-    before it) and :meth:`seek_to` (jump ahead to a keyframe)."""
+    with the interval sampler's hooks: ``targets`` (the grid k*T it samples; frames
+    shown at none of them are not decoded when FFmpeg can drop them) and
+    :meth:`seek_to` (jump ahead to a keyframe)."""
 
     def __init__(self, container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: float, end: float | None):
         self.container, self.stream, self.clock, self.end = container, stream, clock, end
         self.ctx = stream.codec_context
-        stream.thread_type = "AUTO"  # frame + slice threads, as many as FFmpeg sees cores
-        self.skip_nonref = spec.frame_sampling == "interval"
-        # The frame shown at a target can start up to one frame before it; two frames of margin.
-        self.margin = max(FULL_DECODE_MARGIN_S, 2.0 / clock.rate) if clock.rate else math.inf
+        # Frame + slice threads, as many as the decode task reserved CPUs (pipeline.py):
+        # more would oversubscribe a node whose every CPU runs a decode task.
+        stream.thread_type = "AUTO"
+        self.ctx.thread_count = spec.decode_threads
         self.keyframes_only = spec.frame_sampling == "keyframes"
-        self.want_at = start
+        self.interval = spec.frame_interval if spec.frame_sampling == "interval" else None
         self._seek: float | None = None
-        self.packet_pts: list[int] | None = []  # sorted pts of every packet since the start; None after a seek
+        self.seen: list[int] = []  # sorted pts of the packets demuxed since the start or the last seek
+        self.from_start = True  # packet ranks are frame indexes only while read from the start
         if start > 0:
             self._jump(start)
 
     def _jump(self, seconds: float) -> None:
         pts = int(seconds / self.clock.time_base) + self.clock.start_pts
         self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
-        self.packet_pts = None
+        self.seen, self.from_start = [], False
 
     def _index(self, pts: int) -> int:
-        if self.packet_pts is None:
+        if not self.from_start:
             return self.clock.estimated_index(pts)
-        return bisect.bisect_left(self.packet_pts, pts)
+        return bisect.bisect_left(self.seen, pts)
+
+    def _shown_at_no_target(self, pts: int) -> bool:
+        """True when the frame ``pts`` is on screen at no k*T: a later frame already
+        demuxed (a B-frame's forward reference) starts before the next target.  Exact
+        for any frame rate, variable included; without a later frame known, False."""
+        later = bisect.bisect_right(self.seen, pts)
+        if self.interval is None or later == len(self.seen) or later == 1:
+            return False  # the last frame known, or the first: it may be what the first target shows
+        t, t_next = self.clock.seconds(pts), self.clock.seconds(self.seen[later])
+        # Slack on both sides: deciding "shown" wrongly only costs one decoded frame.
+        k = math.ceil((t - 1e-6) / self.interval)
+        return k * self.interval >= t_next + 1e-6
 
     def seek_to(self, seconds: float) -> None:
         self._seek = seconds
@@ -222,13 +255,12 @@ class _Decoder:
             jumped = False
             for packet in self.container.demux(self.stream):
                 if packet.pts is not None:
-                    if self.packet_pts is not None:
-                        bisect.insort(self.packet_pts, packet.pts)
+                    bisect.insort(self.seen, packet.pts)
                     if self.keyframes_only and not packet.is_keyframe:
                         continue  # never decoded: keyframes need no other frame
-                    if self.skip_nonref:
-                        far = clock.seconds(packet.pts) < self.want_at - self.margin
-                        self.ctx.skip_frame = "NONREF" if far else "DEFAULT"
+                    if self.interval is not None:
+                        # NONREF drops the frame only if no other frame depends on it.
+                        self.ctx.skip_frame = "NONREF" if self._shown_at_no_target(packet.pts) else "DEFAULT"
                 for frame in packet.decode():  # the last, empty packet flushes the decoder
                     if frame.pts is None or (self.keyframes_only and not frame.key_frame):
                         continue
@@ -258,7 +290,7 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
     interval, end = spec.frame_interval, frames.end
     # Targets are k*T rounded to the nanosecond, so spans that meet at a target agree on it.
     k = math.ceil(round(start / interval, 6))
-    frames.want_at = round(k * interval, 9)
+    target = round(k * interval, 9)
     # A span owns its targets; a frame on screen since before the span's first target
     # that was also on screen at the previous span's last target is that span's row.
     before_span = round((k - 1) * interval, 9) if start > 0 else -math.inf
@@ -267,51 +299,78 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
     sought = -math.inf  # the target of the last seek: at most one seek per target, so reading always advances
 
     def advance() -> bool:
-        nonlocal k
+        nonlocal k, target
         k += 1
-        frames.want_at = round(k * interval, 9)
-        return end is None or frames.want_at < end - 1e-9
+        target = round(k * interval, 9)
+        return end is None or target < end - 1e-9
 
     for t, index, frame in frames:
-        while frames.want_at < t - 1e-9:
+        while target < t - 1e-9:
             chosen = previous or (t, index, frame)  # before the first frame: the first frame
             if chosen[2].pts != emitted and chosen[0] > before_span + 1e-9:
                 emitted = chosen[2].pts
                 yield chosen
             if not advance():
                 return
-        if abs(frames.want_at - t) <= 1e-9:
+        if abs(target - t) <= 1e-9:
             emitted = frame.pts
             yield t, index, frame
             if not advance():
                 return
         previous = (t, index, frame)
-        if frames.want_at - t >= SEEK_MIN_GAP_S and frames.want_at > sought:
-            if frames.clock.keyframe_after(t, frames.want_at) is not None:
+        if target - t >= SEEK_MIN_GAP_S and target > sought:
+            if frames.clock.keyframe_after(t, target) is not None:
                 # FFmpeg lands on the last keyframe at or before the target; the frames from
                 # there to the target are decoded, the one on screen at the target is kept.
-                sought = frames.want_at
+                sought = target
                 frames.seek_to(sought)
                 previous = None
     # The last frame stays on screen to the end: a target before the end shows it.
     if previous is not None and previous[2].pts != emitted and previous[0] > before_span + 1e-9:
-        until = frames.clock.duration if frames.clock.duration is not None else math.inf
-        if frames.want_at < until and (end is None or frames.want_at < end):
+        until = frames.clock.duration if frames.clock.duration is not None else frames.clock.end_of(previous)
+        if target < until and (end is None or target < end):
             yield previous
+
+
+def _cuts(frames: _Decoder, threshold: float) -> Iterator[tuple[float, int, Any, bool]]:
+    """``(time, index, frame, starts_a_shot)`` for each frame, FLASH_FRAMES frames late.
+
+    A cut is a luma-histogram jump above ``threshold`` from the frame before that is
+    still there FLASH_FRAMES frames later: a flash or a two-frame glitch, whose
+    histogram returns to what it was, is not a cut (tools/bench_scene.py measures
+    both rules).  The stream's first frame starts a shot."""
+    before = None  # histogram of the frame before the first pending one
+    pending: deque[tuple[float, int, Any, np.ndarray]] = deque()
+
+    def decide(lookahead: np.ndarray | None) -> tuple[float, int, Any, bool]:
+        nonlocal before
+        t, index, frame, hist = pending.popleft()
+        if before is None:
+            before = hist
+            return t, index, frame, True
+        jump = histogram_distance(hist, before) > threshold
+        lasts = lookahead is None or histogram_distance(lookahead, before) > threshold
+        if not jump or lasts:
+            before = hist
+        # else a flash: the frames after it are compared with the frame before it
+        return t, index, frame, jump and lasts
+
+    for t, index, frame in frames:
+        pending.append((t, index, frame, _luma_histogram(frame)))
+        if len(pending) > FLASH_FRAMES:
+            yield decide(pending[-1][3])
+    while pending:
+        yield decide(pending[-1][3] if len(pending) > 1 else None)
 
 
 def _scene(frames: _Decoder, spec: VideoSpec, start: float):
     """First frame of every shot; in a shot that lasts max_scene_seconds or more, also
     the first frame at or after each shot_start + k*T (held until the shot is that long)."""
     interval = spec.frame_interval
-    previous_hist = None
     shot_start: float | None = None  # a span's first frame starts a shot too
     next_extra = math.inf
     held: list[tuple[float, int, Any]] = []  # extra frames of the current shot, not yet known to be long
-    for t, index, frame in frames:
-        hist = _luma_histogram(frame)
-        cut = previous_hist is None or histogram_distance(hist, previous_hist) > spec.scene_threshold
-        previous_hist = hist
+    for t, index, frame, cut in _cuts(frames, spec.scene_threshold):
         if t < start:
             continue  # before a span's start: only the histogram counts
         if cut or shot_start is None:
