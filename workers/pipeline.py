@@ -111,6 +111,7 @@ def decoded_dataset(
     Also the benchmark's "pure decoding" baseline, so the end-to-end benchmark
     measures exactly what the model and write stages add.
     """
+    video_spec = video_spec or VideoSpec()
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=max(1, len(shards)))
     return ds.map_batches(
         read_and_decode,
@@ -119,12 +120,12 @@ def decoded_dataset(
             "storage": storage,
             "batch_rows": resources.read_batch_rows,
             "decode_spec": decode_spec,
-            "video_spec": video_spec or VideoSpec(),
+            "video_spec": video_spec,
         },
         batch_size=1,  # one shard per task: a bad shard fails alone, shards parallelise
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=resources.decode_concurrency) if resources.decode_concurrency else None,
-        num_cpus=(video_spec or VideoSpec()).decode_threads,
+        num_cpus=video_spec.decode_threads,
         # What a task holds at once: a reader block of raw bytes and its
         # pixels, plus one large photo being decoded.  Reserving it also keeps
         # these tasks apart from the model actors, which reserve no memory: Ray

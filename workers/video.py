@@ -205,8 +205,8 @@ def _frames(container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: 
 
 class _Decoder:
     """A stream's frames in presentation order from ``start``, ``(time, index, frame)``,
-    with the interval sampler's hooks: ``targets`` (the grid k*T it samples; frames
-    shown at none of them are not decoded when FFmpeg can drop them) and
+    with the interval sampler's hooks: ``interval`` (the grid k*T it samples; frames
+    shown at none of its points are not decoded when FFmpeg can drop them) and
     :meth:`seek_to` (jump ahead to a keyframe)."""
 
     def __init__(self, container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: float, end: float | None):
@@ -237,9 +237,10 @@ class _Decoder:
     def _shown_at_no_target(self, pts: int) -> bool:
         """True when the frame ``pts`` is on screen at no k*T: a later frame already
         demuxed (a B-frame's forward reference) starts before the next target.  Exact
-        for any frame rate, variable included; without a later frame known, False."""
+        for any frame rate, variable included; without a later frame known, False.
+        Only for interval sampling (``self.interval`` set)."""
         later = bisect.bisect_right(self.seen, pts)
-        if self.interval is None or later == len(self.seen) or later == 1:
+        if later == len(self.seen) or later == 1:
             return False  # the last frame known, or the first: it may be what the first target shows
         t, t_next = self.clock.seconds(pts), self.clock.seconds(self.seen[later])
         # Slack on both sides: deciding "shown" wrongly only costs one decoded frame.
