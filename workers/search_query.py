@@ -1,0 +1,266 @@
+"""Answer queries from a search index (``workers/search_index.py``): full text, semantic, or both.
+
+* ``text``: SQLite FTS5 with BM25.  The user's words are always quoted into
+  FTS5 strings, so ``"``, ``*``, ``AND`` or ``NEAR(`` in a query are words, never
+  syntax.  Rows holding the whole query as a phrase rank above rows holding
+  only some of its words; within each group, BM25 orders.
+* ``semantic``: cosine similarity of the query's embedding with every row's,
+  by brute force over the memory-mapped vector files (a matrix-vector product:
+  see BENCHMARKS.md "Search" for how far that holds).
+* ``hybrid`` (default): reciprocal-rank fusion of the two lists (score
+  ``sum 1/(60 + rank)``, Cormack et al. 2009), with exact-phrase rows first,
+  as in ``text``: someone who types a caption's exact words wants that caption.
+
+``where`` is an SQL expression over the ``docs`` table's columns, run on a
+read-only connection that cannot attach other files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers import schema
+from workers.search_index import HIT_COLUMNS
+from workers.search_store import IndexLocation, SearchError, read_meta
+
+MODES = ("hybrid", "text", "semantic")
+MAX_TOP_K = 1000
+MAX_QUERY_WORDS = 64
+RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very first ranks
+# Candidates taken from each list before fusion: a row ranked below this in
+# both lists cannot reach a top-k of at most MAX_TOP_K.
+_CANDIDATES = 100
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One query; :class:`SearchError` from ``__post_init__`` names the bad field."""
+
+    text: str
+    top_k: int = 10
+    mode: str = "hybrid"
+    where: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SearchError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise SearchError(
+                f"top_k: must be between 1 and {MAX_TOP_K}, got {self.top_k} "
+                "(page through a larger result with --where instead)"
+            )
+        words = query_words(self.text)
+        if not words:
+            raise SearchError("query: it has no words to search for")
+        if len(words) > MAX_QUERY_WORDS:
+            raise SearchError(f"query: {len(words)} words; at most {MAX_QUERY_WORDS}")
+
+
+@dataclass
+class Hit:
+    id: str
+    source: str | None
+    key: str | None
+    frame_time: float | None
+    caption: str | None
+    answers: list[dict[str, str]] = field(default_factory=list)
+    score: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def query_words(text: str) -> list[str]:
+    return _WORD.findall(text or "")
+
+
+def _fts_phrase(words: list[str]) -> str:
+    return '"' + " ".join(words) + '"'  # \w+ words hold no quote: nothing to escape
+
+
+def _fts_any(words: list[str]) -> str:
+    return " OR ".join(f'"{w}"' for w in words)
+
+
+def _no_other_files(action: int, *_args: Any) -> int:
+    # The connection is read-only, so a filter cannot write; this keeps it from
+    # reaching any database file but the index (FTS5's own statements need the rest).
+    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
+
+
+class Searcher:
+    """An open index.  ``embed`` turns a query into a unit vector (``TextEmbedder.encode``).
+
+    Raises :class:`SearchError` when the index is missing or corrupt.
+    """
+
+    def __init__(self, location: IndexLocation, embed: Callable[[list[str]], np.ndarray] | None = None) -> None:
+        self.location = location
+        if not location.exists():
+            raise SearchError(f"no search index at {location.url}; build one with: python -m jobs.search index URL")
+        location.pull()
+        try:
+            self.conn = sqlite3.connect(f"file:{location.db}?mode=ro", uri=True)
+            self.meta = read_meta(self.conn)
+            self.conn.execute("SELECT count(*) FROM fts WHERE fts MATCH '\"probe\"'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise SearchError(
+                f"the search index at {location.url} is corrupt ({exc}); "
+                "rebuild it with: python -m jobs.search index URL --overwrite"
+            ) from exc
+        self.columns = [row[1] for row in self.conn.execute("PRAGMA table_info(docs)")]
+        self.conn.set_authorizer(_no_other_files)
+        self._embed = embed
+        self._vectors: list[tuple[int, np.ndarray]] | None = None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def embedding_model(self) -> str | None:
+        return self.meta.get("embedding_model")
+
+    # ------------------------------------------------------------------ filters
+
+    def _allowed(self, where: str | None) -> str:
+        """An SQL condition on ``docs.rowid``; :class:`SearchError` if ``where`` is not valid SQL here."""
+        if not where:
+            return "1"
+        try:
+            self.conn.execute(f"SELECT rowid FROM docs WHERE ({where}) LIMIT 0").fetchall()
+        except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
+            raise SearchError(
+                f"--where is not a valid SQL filter here: {exc}. Columns: {', '.join(self.columns)}"
+            ) from exc
+        return f"docs.rowid IN (SELECT rowid FROM docs WHERE ({where}))"
+
+    # ------------------------------------------------------------------ the two lists
+
+    def _text_ranks(self, words: list[str], allowed: str, limit: int) -> tuple[list[int], set[int]]:
+        """Row ids, best first, and those that hold the whole query as a phrase."""
+        sql = (
+            f"SELECT fts.rowid FROM fts JOIN docs ON docs.rowid = fts.rowid "
+            f"WHERE fts MATCH ? AND {allowed} ORDER BY bm25(fts) LIMIT ?"
+        )
+        phrase = [r for (r,) in self.conn.execute(sql, (_fts_phrase(words), limit))] if len(words) > 1 else []
+        ranked = list(phrase)
+        seen = set(phrase)
+        for (r,) in self.conn.execute(sql, (_fts_any(words), limit + len(phrase))):
+            if r not in seen:
+                ranked.append(r)
+                seen.add(r)
+        return ranked[:limit], set(phrase)
+
+    def _load_vectors(self) -> list[tuple[int, np.ndarray]]:
+        if self._vectors is None:
+            files = self.conn.execute("SELECT first_rowid, rows, vectors FROM files ORDER BY first_rowid").fetchall()
+            missing = sum(1 for _, rows, v in files if v is None and rows)
+            if missing or not self.embedding_model:
+                raise SearchError(
+                    f"{missing or len(files)} indexed file(s) have no embeddings; semantic search "
+                    "needs them: rerun python -m jobs.search index URL (without --no-embeddings), "
+                    "or query with --mode text"
+                )
+            self._vectors = [
+                (first, np.load(self.location.local_vectors(v), mmap_mode="r")) for first, rows, v in files if rows
+            ]
+        return self._vectors
+
+    def _semantic_ranks(self, text: str, allowed: str, limit: int) -> list[tuple[int, float]]:
+        vectors = self._load_vectors()
+        if self._embed is None:
+            raise SearchError("semantic search needs the embedding model, and none was given")
+        q = np.asarray(self._embed([text])[0], dtype=np.float32)
+        rowids = np.concatenate([np.arange(first, first + len(m)) for first, m in vectors]) if vectors else np.zeros(0)
+        scores = np.concatenate([m @ q for _, m in vectors]) if vectors else np.zeros(0, dtype=np.float32)
+        if allowed != "1":
+            keep = np.fromiter((r for (r,) in self.conn.execute(f"SELECT rowid FROM docs WHERE {allowed}")), np.int64)
+            scores = np.where(np.isin(rowids, keep), scores, -np.inf)
+        limit = min(limit, len(scores))
+        best = np.argpartition(-scores, limit - 1)[:limit] if limit else np.zeros(0, dtype=np.int64)
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [(int(rowids[i]), float(scores[i])) for i in best if np.isfinite(scores[i])]
+
+    # ------------------------------------------------------------------ the query
+
+    def search(self, spec: QuerySpec) -> list[Hit]:
+        """The top ``spec.top_k`` hits; :class:`SearchError` for a bad filter or missing embeddings."""
+        words = query_words(spec.text)
+        allowed = self._allowed(spec.where)
+        limit = max(spec.top_k, _CANDIDATES)
+        if spec.mode == "text":
+            ranked, _ = self._text_ranks(words, allowed, spec.top_k)
+            scored = [(r, 1.0 / (RRF_K + i + 1)) for i, r in enumerate(ranked)]
+        elif spec.mode == "semantic":
+            scored = self._semantic_ranks(spec.text, allowed, spec.top_k)
+        else:
+            ranked, exact = self._text_ranks(words, allowed, limit)
+            fused: dict[int, float] = {}
+            for i, r in enumerate(ranked):
+                fused[r] = fused.get(r, 0.0) + 1.0 / (RRF_K + i + 1)
+            for i, (r, _) in enumerate(self._semantic_ranks(spec.text, allowed, limit)):
+                fused[r] = fused.get(r, 0.0) + 1.0 / (RRF_K + i + 1)
+            order = sorted(fused, key=lambda r: (r not in exact, -fused[r], r))
+            scored = [(r, fused[r]) for r in order[: spec.top_k]]
+        return self._hits(scored, {w.lower() for w in words})
+
+    def _hits(self, scored: list[tuple[int, float]], words: set[str]) -> list[Hit]:
+        if not scored:
+            return []
+        cols = ", ".join(f'"{c}"' for c in HIT_COLUMNS)
+        marks = ", ".join("?" * len(scored))
+        rows = {
+            r[0]: r[1:]
+            for r in self.conn.execute(
+                f"SELECT rowid, {cols} FROM docs WHERE rowid IN ({marks})", [r for r, _ in scored]
+            )
+        }
+        hits = []
+        for rowid, score in scored:
+            doc = dict(zip(HIT_COLUMNS, rows[rowid], strict=True))
+            caption = doc[schema.CAPTION]
+            if caption is None:  # a dataset without a caption column: show its first text column
+                caption = self._first_text(rowid)
+            answers = json.loads(doc[schema.ANSWERS]) if doc[schema.ANSWERS] else []
+            matching = [
+                a for a in answers if words & {w.lower() for w in query_words(f"{a.get('question')} {a.get('answer')}")}
+            ]
+            hits.append(
+                Hit(
+                    id=doc[schema.ID],
+                    source=doc[schema.SOURCE],
+                    key=doc[schema.KEY],
+                    frame_time=doc[schema.FRAME_TIME],
+                    caption=caption,
+                    answers=matching or answers,
+                    score=round(score, 6),
+                )
+            )
+        return hits
+
+    def _first_text(self, rowid: int) -> str | None:
+        row = self.conn.execute("SELECT t0 FROM fts WHERE rowid = ?", (rowid,)).fetchone()
+        return row[0] if row else None
+
+
+def open_searcher(location: IndexLocation, embedder_factory: Callable[[str], Any] | None) -> Searcher:
+    """A :class:`Searcher` whose query embedder (built lazily by ``embedder_factory(model)``) matches the index."""
+    holder: dict[str, Any] = {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        if "e" not in holder:
+            if embedder_factory is None or not searcher.embedding_model:
+                raise SearchError("this index has no embeddings; query with --mode text")
+            holder["e"] = embedder_factory(searcher.embedding_model)
+        return holder["e"].encode(texts)
+
+    searcher = Searcher(location, embed)
+    return searcher
