@@ -123,11 +123,8 @@ def report_page(
 ) -> str:
     fields = [("output", output_url), ("rows", rows), ("error rows", sum(errors.values()))]
     if summary:
-        fields += [
-            (k, v if isinstance(v, str | int | float) else json.dumps(v))
-            for k, v in summary.items()
-            if k not in ("errors", "output_url")
-        ]
+        # The run's scalar figures; its nested config stays in _summary.json.
+        fields += [(k, v) for k, v in summary.items() if isinstance(v, str | int | float) and k != "output"]
     table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in fields)
     cards = "".join(card(r, thumbs.get((r.get("source"), r.get("key"), r.get("frame_time")))) for r in sample)
     body = (

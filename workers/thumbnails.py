@@ -77,7 +77,9 @@ def image_thumbnail(data: bytes) -> Thumbnail:
                 return Thumbnail(None, f"image of {im.width}x{im.height} pixels is too large to show")
             im.draft("RGB", (THUMB_PIXELS * 2, THUMB_PIXELS * 2))  # JPEG: decode at reduced scale
             return _jpeg(im)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        return Thumbnail(None, "the image does not decode: not a format Pillow can identify")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return Thumbnail(None, f"the image does not decode: {exc}")
 
 
