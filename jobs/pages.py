@@ -9,7 +9,6 @@ HTML-escaped; a caption cannot inject markup.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 

@@ -78,7 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="sentence-transformers model: hub id or local folder")
     p.add_argument("--no-embeddings", action="store_true", help="full text only (no semantic or hybrid queries)")
     p.add_argument("--overwrite", action="store_true", help="delete the index and build it again")
-    p.add_argument("--ray", action="store_true", help="compute embeddings as a Ray Data job (GPUs when present)")
+    p.add_argument("--ray", default="auto", choices=("auto", "on", "off"),
+                   help="embeddings as a Ray Data job, on GPUs when the cluster has them; auto: from 100k rows")
     p.add_argument("--batch-size", type=int, default=256, help="texts per embedding batch")
     q = sub.add_parser("query", help="search the index")
     _add_common(q)
@@ -107,7 +108,7 @@ def run_index(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or default_cache_dir(),
         storage=_storage(args),
     )
-    report = build_index(spec, embed_with_ray if spec.use_ray else None)
+    report = build_index(spec, embed_with_ray)
     print(
         f"indexed {report.rows_indexed} rows from {report.files_indexed} file(s) in {report.text_seconds:.1f} s, "
         f"embedded {report.rows_embedded} in {report.embed_seconds:.1f} s; {report.files_skipped} file(s) already "

@@ -224,11 +224,23 @@ def test_a_real_job_output_locally_and_on_s3(annotated_output, capsys, embedding
 def test_embeddings_as_a_ray_data_job_equal_the_local_ones(ray_cluster, tmp_path, embedding_model):
     folder = write_captions(tmp_path / "ds", CAPTIONS[:5])
     write_captions(folder, CAPTIONS[5:], name="part-1.parquet")
-    local = build_index(IndexSpec(str(folder), index_url=str(tmp_path / "local"), embedding_model=embedding_model))
+    calls = []
+
+    def runner(spec, jobs):
+        calls.append(sorted(jobs))
+        return embed_with_ray(spec, jobs)
+
+    # auto: 8 rows are embedded in the driver, without Ray.
+    local = build_index(IndexSpec(str(folder), index_url=str(tmp_path / "local"), embedding_model=embedding_model),
+                        runner)  # fmt: skip
+    assert calls == []
     remote = build_index(IndexSpec(str(folder), index_url=str(tmp_path / "ray"), embedding_model=embedding_model,
-                                   use_ray=True), embed_with_ray)  # fmt: skip
+                                   use_ray="on"), runner)  # fmt: skip
+    assert len(calls) == 1 and len(calls[0]) == 2
     assert local.rows_embedded == remote.rows_embedded == 8
-    for name in sorted(p.name for p in (tmp_path / "local" / "vectors").iterdir()):
+    names = sorted(p.name for p in (tmp_path / "local" / "vectors").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ray" / "vectors").iterdir()) and len(names) == 2
+    for name in names:
         a = np.load(tmp_path / "local" / "vectors" / name)
         b = np.load(tmp_path / "ray" / "vectors" / name)
         assert a.shape[1] == 384 and a.shape[0] in (5, 3) and np.allclose(a, b, atol=1e-5)

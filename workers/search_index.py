@@ -1,25 +1,22 @@
 """Build and update the search index of a Parquet dataset (a job's output, or any with an ``id``).
 
-The index is a folder, by default ``<output>/_search/``:
+The index is a folder, by default ``<output>/_search/`` (``workers/search_store.py``):
 
 * ``index.sqlite``: table ``docs`` (one row per indexed row: ``id``, ``source``,
   ``key``, ``frame_time``, ``caption``, ``answers`` as JSON, and the dataset's
-  other scalar columns, for ``--where``), an FTS5 table ``fts`` over the text
-  columns (BM25, Porter stemming), table ``files`` (which Parquet file, with
-  which fingerprint, holds which contiguous ``docs`` rowids) and ``meta``.
+  other scalar columns, for ``--where``), table ``files`` (which Parquet file,
+  with which fingerprint, holds which contiguous ``docs`` rowids) and ``meta``;
+* ``text/``: the tantivy full-text index of the text columns (``workers/text_index.py``);
 * ``vectors/<digest>.npy``: the unit-length embeddings of one Parquet file's
   rows, in rowid order, memory-mapped by queries.
 
 The unit of work is one Parquet file: a rerun indexes files it has not seen,
 drops files that are gone (a resumed job compacts its files) and redoes files
-whose fingerprint changed.  Each file's text rows commit in one SQLite
-transaction, and its vectors are written before the ``files`` row names them,
-so an interrupted build loses at most the file in flight and the next run
-finishes it.  Rows with no text (error rows) are not indexed: there is nothing
-to find them by.
-
-On ``s3://`` the SQLite file is worked on in a local cache folder and uploaded
-whole after each phase; vector files go straight to the index URL.
+whose fingerprint changed.  Work commits every ``COMMIT_ROWS`` rows, and a
+file's vectors are written before the ``files`` row names them, so an
+interrupted build loses at most the rows since the last commit and the next
+run finishes it.  Rows with no text (error rows) are not indexed: there is
+nothing to find them by.
 """
 
 from __future__ import annotations
@@ -50,16 +47,23 @@ from workers.search_store import (
     vectors_name,
 )
 from workers.storage import filesystem_for, join, unstrip
+from workers.text_index import TextIndex, TextIndexError, file_number
 
 log = logging.getLogger(__name__)
 
 # Bumped when the tables change shape; an index of another version must be rebuilt.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 DEFAULT_TEXT_COLUMNS = (schema.CAPTION, schema.ANSWERS)
 # Columns every hit carries, when the dataset has them.
 HIT_COLUMNS = (schema.ID, schema.SOURCE, schema.KEY, schema.FRAME_TIME, schema.CAPTION, schema.ANSWERS)
 _SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
 _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Below this many rows to embed, the driver embeds them itself: a Ray job's start (~10 s) and its
+# model loads would cost more than they save (one CPU core embeds ~150 rows/s, BENCHMARKS.md "Search").
+RAY_MIN_ROWS = 100_000
+# Rows per commit: a crash loses at most this much indexing work, and each commit
+# costs tantivy a segment flush (~0.1 s), small next to indexing 500k rows (~5 s).
+COMMIT_ROWS = 500_000
 # Rows read from a Parquet file per insert batch: bounded memory on files of any size.
 _READ_BATCH_ROWS = 8192
 
@@ -73,7 +77,9 @@ class IndexSpec:
     text_columns: tuple[str, ...] = DEFAULT_TEXT_COLUMNS
     embedding_model: str | None = DEFAULT_MODEL  # None: full text only
     overwrite: bool = False
-    use_ray: bool = False  # embeddings as a Ray Data job (GPU actors where the cluster has GPUs)
+    # Embeddings as a Ray Data job (GPU actors where the cluster has GPUs): "on", "off", or "auto",
+    # which uses Ray from RAY_MIN_ROWS rows to embed.
+    use_ray: str = "auto"
     embed_batch_size: int = 256
     cache_dir: str = ""  # where a remote index's SQLite file is worked on; required for s3:// indexes
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -86,6 +92,8 @@ class IndexSpec:
         for name in self.text_columns:
             if not _COLUMN_NAME.fullmatch(name):
                 raise SearchError(f"text_columns: {name!r} is not a plain column name")
+        if self.use_ray not in ("auto", "on", "off"):
+            raise SearchError(f"use_ray: must be auto, on or off, got {self.use_ray!r}")
         if self.embed_batch_size < 1:
             raise SearchError(f"embed_batch_size: must be >= 1, got {self.embed_batch_size}")
 
@@ -149,10 +157,8 @@ def file_texts(fs, path: str, text_columns: tuple[str, ...]) -> list[str]:
 
 
 def _create_tables(conn: sqlite3.Connection, spec: IndexSpec) -> None:
-    fts_cols = ", ".join(f"t{i}" for i in range(len(spec.text_columns)))
     cols = ", ".join(f'"{c}"' for c in HIT_COLUMNS)
     conn.execute(f"CREATE TABLE docs (rowid INTEGER PRIMARY KEY, {cols})")
-    conn.execute(f"CREATE VIRTUAL TABLE fts USING fts5({fts_cols}, tokenize='porter unicode61 remove_diacritics 2')")
     meta = {
         "format_version": FORMAT_VERSION,
         "text_columns": list(spec.text_columns),
@@ -184,53 +190,47 @@ def _add_columns(conn: sqlite3.Connection, names: list[str]) -> None:
             conn.execute(f'ALTER TABLE docs ADD COLUMN "{name}"')
 
 
-def _index_file_text(conn: sqlite3.Connection, fs, url: str, fingerprint: str, spec: IndexSpec) -> int:
-    """Insert one file's rows into docs and fts in one transaction; returns the rows indexed."""
+def _index_file_text(conn: sqlite3.Connection, text: TextIndex, fs, url: str, fingerprint: str,
+                     spec: IndexSpec) -> int:  # fmt: skip
+    """Add one file's rows to ``docs`` (in the caller's transaction) and to the text index; returns the rows."""
     _, path = filesystem_for(url, spec.storage)
     first = (conn.execute("SELECT max(rowid) FROM docs").fetchone()[0] or 0) + 1
     rowid = first
-    conn.execute("BEGIN")
-    try:
-        for arrow_schema, data in _read_batches(fs, path, spec.text_columns):
-            extra = _scalar_columns(arrow_schema, spec.text_columns + HIT_COLUMNS)
-            _add_columns(conn, extra)
-            n = len(data[schema.ID])
-            texts = [[text_of(v) for v in data.get(c, [None] * n)] for c in spec.text_columns]
-            keep = [i for i in range(n) if any(t[i] for t in texts)]
-            names = list(HIT_COLUMNS) + extra
-            cols = [data.get(c, [None] * n) for c in names]
-            answers = names.index(schema.ANSWERS)
-            rows, fts_rows = [], []
-            for j, i in enumerate(keep):
-                values = [col[i] for col in cols]
-                values[answers] = json.dumps(values[answers]) if values[answers] is not None else None
-                rows.append((rowid + j, *values))
-                fts_rows.append((rowid + j, *(t[i] for t in texts)))
-            marks = ", ".join("?" * (len(names) + 1))
-            quoted = ", ".join(f'"{c}"' for c in names)
-            conn.executemany(f"INSERT INTO docs (rowid, {quoted}) VALUES ({marks})", rows)
-            fts_cols = ", ".join(f"t{k}" for k in range(len(texts)))
-            conn.executemany(f"INSERT INTO fts (rowid, {fts_cols}) VALUES (?, {', '.join('?' * len(texts))})", fts_rows)
-            rowid += len(keep)
-        conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, NULL)", (url, fingerprint, first, rowid - first))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    file_no = file_number(url)
+    text.delete_file(file_no)  # what a crashed run added for this file and never recorded
+    for arrow_schema, data in _read_batches(fs, path, spec.text_columns):
+        extra = _scalar_columns(arrow_schema, spec.text_columns + HIT_COLUMNS)
+        _add_columns(conn, extra)
+        n = len(data[schema.ID])
+        texts = [[text_of(v) for v in data.get(c, [None] * n)] for c in spec.text_columns]
+        keep = [i for i in range(n) if any(t[i] for t in texts)]
+        names = list(HIT_COLUMNS) + extra
+        cols = [data.get(c, [None] * n) for c in names]
+        if schema.CAPTION not in data:  # another dataset's text: its first text column shows as the caption
+            cols[names.index(schema.CAPTION)] = texts[0]
+        answers = names.index(schema.ANSWERS)
+        rows = []
+        for j, i in enumerate(keep):
+            values = [col[i] for col in cols]
+            values[answers] = json.dumps(values[answers]) if values[answers] is not None else None
+            rows.append((rowid + j, *values))
+        quoted = ", ".join(f'"{c}"' for c in names)
+        conn.executemany(f"INSERT INTO docs (rowid, {quoted}) VALUES ({', '.join('?' * (len(names) + 1))})", rows)
+        text.add(file_no, ((rowid + j, [t[i] for t in texts]) for j, i in enumerate(keep)))
+        rowid += len(keep)
+    conn.execute("INSERT INTO files VALUES (?, ?, ?, ?, NULL)", (url, fingerprint, first, rowid - first))
     return rowid - first
 
 
-def _drop_file(conn: sqlite3.Connection, location: IndexLocation, url: str) -> None:
+def _drop_file(conn: sqlite3.Connection, text: TextIndex, url: str) -> str | None:
+    """Remove one file's rows (in the caller's transaction); returns its vector file's name, to delete after."""
     first, rows, vectors = conn.execute(
         "SELECT first_rowid, rows, vectors FROM files WHERE path = ?", (url,)
     ).fetchone()
-    conn.execute("BEGIN")
-    conn.execute("DELETE FROM fts WHERE rowid >= ? AND rowid < ?", (first, first + rows))
     conn.execute("DELETE FROM docs WHERE rowid >= ? AND rowid < ?", (first, first + rows))
     conn.execute("DELETE FROM files WHERE path = ?", (url,))
-    conn.execute("COMMIT")
-    if vectors:
-        location.remove_vectors(vectors)
+    text.delete_file(file_number(url))
+    return vectors
 
 
 class EmbedFiles:
@@ -277,8 +277,8 @@ RayEmbedder = Callable[[IndexSpec, list[tuple[str, str]]], tuple[dict[str, int],
 def build_index(spec: IndexSpec, embed_with_ray: RayEmbedder | None = None) -> IndexReport:
     """Bring the index up to date with the dataset; returns what was done.
 
-    ``embed_with_ray`` runs the embedding phase as a Ray job (``jobs/search.py``
-    passes one when ``use_ray`` is set): given the spec and ``[(file, vector
+    ``embed_with_ray`` runs the embedding phase as a Ray job, when ``use_ray``
+    says so (``jobs/search.py`` passes one): given the spec and ``[(file, vector
     name)]`` it writes the vector files and returns ``({file: rows}, dim)``.
     Raises :class:`SearchError` for no data, an index built with other
     settings, or a file that is not an index; storage errors propagate.
@@ -303,21 +303,9 @@ def build_index(spec: IndexSpec, embed_with_ray: RayEmbedder | None = None) -> I
         if conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 0:
             _create_tables(conn, spec)
         _check_compatible(read_meta(conn), spec, location.url)
-        indexed = dict(conn.execute("SELECT path, fingerprint FROM files"))
-        for url in sorted(indexed):
-            if files.get(url) != indexed[url]:
-                _drop_file(conn, location, url)
-                report.files_removed += 1
-        fs, _ = filesystem_for(spec.output_url, spec.storage)
+        text = open_text_index(location, len(spec.text_columns), create=True)
         start = time.perf_counter()
-        for url in sorted(files):
-            if url in indexed and indexed[url] == files[url]:
-                report.files_skipped += 1
-                continue
-            report.rows_indexed += _index_file_text(conn, fs, url, files[url], spec)
-            report.files_indexed += 1
-        if report.files_indexed or report.files_removed:
-            conn.execute("INSERT INTO fts(fts) VALUES ('optimize')")  # one b-tree per term: faster queries
+        _update_text(conn, text, location, files, spec, report)
         report.text_seconds = time.perf_counter() - start
         location.push()
         if spec.embedding_model:
@@ -330,6 +318,51 @@ def build_index(spec: IndexSpec, embed_with_ray: RayEmbedder | None = None) -> I
     return report
 
 
+def _update_text(conn: sqlite3.Connection, text: TextIndex, location: IndexLocation, files: dict[str, str],
+                 spec: IndexSpec, report: IndexReport) -> None:  # fmt: skip
+    """Drop gone or changed files, add new ones, committing every COMMIT_ROWS rows.
+
+    The text index commits before SQLite does, so ``files`` never names rows the
+    text index lacks; what a crash leaves in the text index alone is deleted
+    when its file is indexed again (by ``file_no``).
+    """
+    indexed = dict(conn.execute("SELECT path, fingerprint FROM files"))
+    fs, _ = filesystem_for(spec.output_url, spec.storage)
+    stale_vectors: list[str] = []
+    pending_rows = 0
+
+    def commit() -> None:
+        text.commit()
+        conn.execute("COMMIT")
+        for name in stale_vectors:
+            location.remove_vectors(name)
+        stale_vectors.clear()
+
+    conn.execute("BEGIN")
+    try:
+        for url in sorted(indexed):
+            if files.get(url) != indexed[url]:
+                stale_vectors += [v for v in [_drop_file(conn, text, url)] if v]
+                report.files_removed += 1
+        for url in sorted(files):
+            if indexed.get(url) == files[url]:
+                report.files_skipped += 1
+                continue
+            rows = _index_file_text(conn, text, fs, url, files[url], spec)
+            report.rows_indexed += rows
+            report.files_indexed += 1
+            pending_rows += rows
+            if pending_rows >= COMMIT_ROWS:
+                commit()
+                conn.execute("BEGIN")
+                pending_rows = 0
+        commit()
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _embed_pending(
     conn: sqlite3.Connection, location: IndexLocation, spec: IndexSpec, embed_with_ray: RayEmbedder | None
 ) -> int:
@@ -338,7 +371,12 @@ def _embed_pending(
         return 0
     jobs = [(url, vectors_name(url, fingerprint)) for url, fingerprint, _ in pending]
     expected = {url: rows for url, _, rows in pending}
-    if embed_with_ray is not None:
+    rows = sum(expected.values())
+    use_ray = spec.use_ray == "on" or (spec.use_ray == "auto" and rows >= RAY_MIN_ROWS)
+    if use_ray and embed_with_ray is None:
+        raise SearchError("use_ray: embeddings as a Ray job were asked for, but no Ray runner was given")
+    if use_ray:
+        log.info("embedding %d rows of %d file(s) as a Ray Data job", rows, len(jobs))
         counts, dim = embed_with_ray(spec, jobs)
     else:
         embedder = TextEmbedder(spec.embedding_model, batch_size=spec.embed_batch_size)
@@ -357,6 +395,15 @@ def _embed_pending(
         conn.execute("UPDATE files SET vectors = ? WHERE path = ?", (name, url))
     conn.execute("UPDATE meta SET value = ? WHERE key = 'embedding_dim'", (json.dumps(dim),))
     return sum(counts.values())
+
+
+def open_text_index(location: IndexLocation, fields: int, create: bool = False) -> TextIndex:
+    """The index's tantivy folder; :class:`SearchError` when it is missing or unreadable."""
+    try:
+        return TextIndex(location.text_dir, fields, create=create)
+    except TextIndexError as exc:
+        raise SearchError(f"the search index at {location.url} is corrupt ({exc}); "
+                          "rebuild it with: python -m jobs.search index URL --overwrite") from exc  # fmt: skip
 
 
 def staleness(conn: sqlite3.Connection, output_url: str, storage: StorageOptions) -> str | None:

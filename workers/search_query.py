@@ -1,9 +1,9 @@
 """Answer queries from a search index (``workers/search_index.py``): full text, semantic, or both.
 
-* ``text``: SQLite FTS5 with BM25.  The user's words are always quoted into
-  FTS5 strings, so ``"``, ``*``, ``AND`` or ``NEAR(`` in a query are words, never
-  syntax.  Rows holding the whole query as a phrase rank above rows holding
-  only some of its words; within each group, BM25 orders.
+* ``text``: tantivy's BM25 (``workers/text_index.py``).  The user's words are
+  always quoted, so ``"``, ``*``, ``AND`` or ``NEAR(`` in a query are words,
+  never syntax.  Rows holding the whole query as a phrase rank above rows
+  holding all its words, and those above rows holding some; BM25 orders each group.
 * ``semantic``: cosine similarity of the query's embedding with every row's,
   by brute force over the memory-mapped vector files (a matrix-vector product:
   see BENCHMARKS.md "Search" for how far that holds).
@@ -11,14 +11,14 @@
   ``sum 1/(60 + rank)``, Cormack et al. 2009), with exact-phrase rows first,
   as in ``text``: someone who types a caption's exact words wants that caption.
 
-``where`` is an SQL expression over the ``docs`` table's columns, run on a
-read-only connection that cannot attach other files.
+``where`` is an SQL expression over the ``docs`` table's columns (SQLite), run
+on a read-only connection that cannot attach other files; both lists are
+restricted to the rows it keeps.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from workers import schema
-from workers.search_index import HIT_COLUMNS
+from workers.search_index import HIT_COLUMNS, open_text_index
 from workers.search_store import IndexLocation, SearchError, read_meta
+from workers.text_index import all_words, any_word, phrase, query_words
 
 MODES = ("hybrid", "text", "semantic")
 MAX_TOP_K = 1000
@@ -37,7 +38,6 @@ RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very first
 # Candidates taken from each list before fusion: a row ranked below this in
 # both lists cannot reach a top-k of at most MAX_TOP_K.
 _CANDIDATES = 100
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -78,21 +78,9 @@ class Hit:
         return asdict(self)
 
 
-def query_words(text: str) -> list[str]:
-    return _WORD.findall(text or "")
-
-
-def _fts_phrase(words: list[str]) -> str:
-    return '"' + " ".join(words) + '"'  # \w+ words hold no quote: nothing to escape
-
-
-def _fts_any(words: list[str]) -> str:
-    return " OR ".join(f'"{w}"' for w in words)
-
-
 def _no_other_files(action: int, *_args: Any) -> int:
     # The connection is read-only, so a filter cannot write; this keeps it from
-    # reaching any database file but the index (FTS5's own statements need the rest).
+    # reaching any database file but the index (SQLite's own statements need the rest).
     return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
 
 
@@ -110,7 +98,7 @@ class Searcher:
         try:
             self.conn = sqlite3.connect(f"file:{location.db}?mode=ro", uri=True)
             self.meta = read_meta(self.conn)
-            self.conn.execute("SELECT count(*) FROM fts WHERE fts MATCH '\"probe\"'").fetchone()
+            self.conn.execute("SELECT count(*) FROM docs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise SearchError(
                 f"the search index at {location.url} is corrupt ({exc}); "
@@ -118,6 +106,7 @@ class Searcher:
             ) from exc
         self.columns = [row[1] for row in self.conn.execute("PRAGMA table_info(docs)")]
         self.conn.set_authorizer(_no_other_files)
+        self.text = open_text_index(location, len(self.meta.get("text_columns") or [1]))
         self._embed = embed
         self._vectors: list[tuple[int, np.ndarray]] | None = None
 
@@ -130,34 +119,39 @@ class Searcher:
 
     # ------------------------------------------------------------------ filters
 
-    def _allowed(self, where: str | None) -> str:
-        """An SQL condition on ``docs.rowid``; :class:`SearchError` if ``where`` is not valid SQL here."""
+    def _allowed(self, where: str | None) -> set[int] | None:
+        """The rows ``where`` keeps (None: all); :class:`SearchError` if it is not valid SQL here."""
         if not where:
-            return "1"
+            return None
         try:
-            self.conn.execute(f"SELECT rowid FROM docs WHERE ({where}) LIMIT 0").fetchall()
+            return {r for (r,) in self.conn.execute(f"SELECT rowid FROM docs WHERE ({where})")}
         except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
             raise SearchError(
                 f"--where is not a valid SQL filter here: {exc}. Columns: {', '.join(self.columns)}"
             ) from exc
-        return f"docs.rowid IN (SELECT rowid FROM docs WHERE ({where}))"
 
     # ------------------------------------------------------------------ the two lists
 
-    def _text_ranks(self, words: list[str], allowed: str, limit: int) -> tuple[list[int], set[int]]:
-        """Row ids, best first, and those that hold the whole query as a phrase."""
-        sql = (
-            f"SELECT fts.rowid FROM fts JOIN docs ON docs.rowid = fts.rowid "
-            f"WHERE fts MATCH ? AND {allowed} ORDER BY bm25(fts) LIMIT ?"
-        )
-        phrase = [r for (r,) in self.conn.execute(sql, (_fts_phrase(words), limit))] if len(words) > 1 else []
-        ranked = list(phrase)
-        seen = set(phrase)
-        for (r,) in self.conn.execute(sql, (_fts_any(words), limit + len(phrase))):
-            if r not in seen:
-                ranked.append(r)
-                seen.add(r)
-        return ranked[:limit], set(phrase)
+    def _text_ranks(self, words: list[str], allowed: set[int] | None, limit: int) -> tuple[list[int], set[int]]:
+        """Row ids, best first, and those that hold the whole query as a phrase.
+
+        Tiers, each ordered by BM25: the phrase, then all the words anywhere,
+        then any of them, each only while the list is short of ``limit``.
+        """
+        tiers = [phrase(words)] + ([all_words(words), any_word(words)] if len(words) > 1 else [])
+        ranked: list[int] = []
+        seen: set[int] = set()
+        exact: set[int] = set()
+        for i, match in enumerate(tiers):
+            if len(ranked) >= limit:
+                break
+            for r in self.text.search(match, limit, allowed):
+                if r not in seen:
+                    ranked.append(r)
+                    seen.add(r)
+            if i == 0 and len(words) > 1:
+                exact = set(ranked)
+        return ranked[:limit], exact
 
     def _load_vectors(self) -> list[tuple[int, np.ndarray]]:
         if self._vectors is None:
@@ -174,15 +168,15 @@ class Searcher:
             ]
         return self._vectors
 
-    def _semantic_ranks(self, text: str, allowed: str, limit: int) -> list[tuple[int, float]]:
+    def _semantic_ranks(self, text: str, allowed: set[int] | None, limit: int) -> list[tuple[int, float]]:
         vectors = self._load_vectors()
         if self._embed is None:
             raise SearchError("semantic search needs the embedding model, and none was given")
         q = np.asarray(self._embed([text])[0], dtype=np.float32)
         rowids = np.concatenate([np.arange(first, first + len(m)) for first, m in vectors]) if vectors else np.zeros(0)
         scores = np.concatenate([m @ q for _, m in vectors]) if vectors else np.zeros(0, dtype=np.float32)
-        if allowed != "1":
-            keep = np.fromiter((r for (r,) in self.conn.execute(f"SELECT rowid FROM docs WHERE {allowed}")), np.int64)
+        if allowed is not None:
+            keep = np.fromiter(allowed, np.int64, len(allowed))
             scores = np.where(np.isin(rowids, keep), scores, -np.inf)
         limit = min(limit, len(scores))
         best = np.argpartition(-scores, limit - 1)[:limit] if limit else np.zeros(0, dtype=np.int64)
@@ -225,10 +219,9 @@ class Searcher:
         }
         hits = []
         for rowid, score in scored:
+            if rowid not in rows:  # left in the text index by a crashed build; its file is not indexed
+                continue
             doc = dict(zip(HIT_COLUMNS, rows[rowid], strict=True))
-            caption = doc[schema.CAPTION]
-            if caption is None:  # a dataset without a caption column: show its first text column
-                caption = self._first_text(rowid)
             answers = json.loads(doc[schema.ANSWERS]) if doc[schema.ANSWERS] else []
             matching = [
                 a for a in answers if words & {w.lower() for w in query_words(f"{a.get('question')} {a.get('answer')}")}
@@ -239,16 +232,12 @@ class Searcher:
                     source=doc[schema.SOURCE],
                     key=doc[schema.KEY],
                     frame_time=doc[schema.FRAME_TIME],
-                    caption=caption,
+                    caption=doc[schema.CAPTION],
                     answers=matching or answers,
                     score=round(score, 6),
                 )
             )
         return hits
-
-    def _first_text(self, rowid: int) -> str | None:
-        row = self.conn.execute("SELECT t0 FROM fts WHERE rowid = ?", (rowid,)).fetchone()
-        return row[0] if row else None
 
 
 def open_searcher(location: IndexLocation, embedder_factory: Callable[[str], Any] | None) -> Searcher:

@@ -26,6 +26,9 @@ from workers.writer import put_atomic
 INDEX_DIR = "_search"
 DB_NAME = "index.sqlite"
 VECTORS_DIR = "vectors"
+TEXT_DIR = "text"
+# tantivy rewrites these in place; its segment files are written once.
+_MUTABLE_TEXT_FILES = ("meta.json", ".managed.json")
 
 
 class SearchError(Exception):
@@ -57,6 +60,7 @@ class IndexLocation:
                 raise SearchError("cache_dir: a local cache folder is required for a remote index")
             self.dir = Path(cache_dir) / hashlib.sha1(index_url.encode()).hexdigest()[:16]
         self.db = self.dir / DB_NAME
+        self.text_dir = self.dir / TEXT_DIR
 
     def _remote_fingerprint(self) -> str | None:
         try:
@@ -83,14 +87,49 @@ class IndexLocation:
         tmp = self.dir / f".{DB_NAME}.download"
         self.fs.get_file(join(self.path, DB_NAME), str(tmp))
         tmp.replace(self.db)
+        remote_text = self._remote_text_files()
+        local_text = self._local_text_files()
+        self.text_dir.mkdir(parents=True, exist_ok=True)
+        for name, size in remote_text.items():
+            if name in _MUTABLE_TEXT_FILES or local_text.get(name) != size:
+                self.fs.get_file(join(self.path, TEXT_DIR, name), str(self.text_dir / name))
+        for name in set(local_text) - set(remote_text):
+            (self.text_dir / name).unlink()
         marker.write_text(remote)
 
     def push(self) -> None:
-        """Upload the SQLite file (remote indexes): one PUT, so readers see the old or the new index."""
+        """Upload the text index, then the SQLite file (remote indexes), then delete what the text index dropped.
+
+        tantivy's segment files never change once written, so only new ones
+        travel; ``meta.json``, which names the live segments, goes after them,
+        and the SQLite file last: a reader that sees the new SQLite file finds
+        everything it names.
+        """
         if self.local:
             return
+        remote_text = self._remote_text_files()
+        local_text = self._local_text_files()
+        order = sorted(local_text, key=lambda n: (n in _MUTABLE_TEXT_FILES, n))
+        for name in order:
+            if name in _MUTABLE_TEXT_FILES or remote_text.get(name) != local_text[name]:
+                self.fs.put_file(str(self.text_dir / name), join(self.path, TEXT_DIR, name))
         put_atomic(self.fs, join(self.path, DB_NAME), self.db.read_bytes(), local=False)
+        for name in set(remote_text) - set(local_text):
+            self.fs.rm_file(join(self.path, TEXT_DIR, name))
         (self.dir / ".remote-fingerprint").write_text(self._remote_fingerprint() or "")
+
+    def _local_text_files(self) -> dict[str, int]:
+        if not self.text_dir.is_dir():
+            return {}
+        return {p.name: p.stat().st_size for p in self.text_dir.iterdir() if p.is_file() and "lock" not in p.name}
+
+    def _remote_text_files(self) -> dict[str, int]:
+        root = join(self.path, TEXT_DIR)
+        try:
+            found = self.fs.find(root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p.rsplit("/", 1)[-1]: int(i.get("size") or 0) for p, i in found.items() if "lock" not in p}
 
     def vectors_url(self, name: str) -> str:
         return join(self.url, VECTORS_DIR, name)
