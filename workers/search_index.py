@@ -58,11 +58,11 @@ DEFAULT_TEXT_COLUMNS = (schema.CAPTION, schema.ANSWERS)
 HIT_COLUMNS = (schema.ID, schema.SOURCE, schema.KEY, schema.FRAME_TIME, schema.CAPTION, schema.ANSWERS)
 _SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
 _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Below this many rows to embed, the driver embeds them itself: a Ray job's start (~10 s) and its
-# model loads would cost more than they save (one CPU core embeds ~150 rows/s, BENCHMARKS.md "Search").
+# Below this many rows to embed, the driver embeds them itself: a Ray job's start and its
+# model loads (seconds) would cost more than they save (embedding rows/s: BENCHMARKS.md "Search").
 RAY_MIN_ROWS = 100_000
 # Rows per commit: a crash loses at most this much indexing work, and each commit
-# costs tantivy a segment flush (~0.1 s), small next to indexing 500k rows (~5 s).
+# costs tantivy a segment flush and merge, small next to indexing this many rows.
 COMMIT_ROWS = 500_000
 # Rows read from a Parquet file per insert batch: bounded memory on files of any size.
 _READ_BATCH_ROWS = 8192
@@ -81,7 +81,7 @@ class IndexSpec:
     # which uses Ray from RAY_MIN_ROWS rows to embed.
     use_ray: str = "auto"
     embed_batch_size: int = 256
-    cache_dir: str = ""  # where a remote index's SQLite file is worked on; required for s3:// indexes
+    cache_dir: str = ""  # where a remote index is worked on locally; required for s3:// indexes
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:

@@ -3,8 +3,9 @@
 It knows rows only as integer ``rowid``s (the search index's ``docs`` table
 holds everything else) and Parquet files as integer ``file_no``s, so a file's
 rows can be deleted in one term.  Chosen over SQLite FTS5 by measurement
-(BENCHMARKS.md "Search"): at 1M captions a phrase query ranks its ~1,000
-matches in ~0.5 ms here against ~7 ms in FTS5, which scores every match.
+(BENCHMARKS.md "Search"): FTS5 scores every match of a query before it sorts,
+tantivy skips blocks that cannot reach the top k, which at a million captions
+is the difference between missing and meeting the latency target.
 
 Queries are built from words only (``\\w+``), each quoted, so ``"``, ``*``,
 ``AND`` or ``NEAR(`` in user text are words, never query syntax.
@@ -22,7 +23,7 @@ import tantivy
 ROWID = "rowid"
 FILE_NO = "file_no"
 _WORD = re.compile(r"\w+", re.UNICODE)
-# Writer memory: tantivy flushes a segment when it is full; 128 MB holds ~1M captions' postings.
+# Writer memory: tantivy flushes a segment when it is full; bigger means fewer segments to merge.
 _WRITER_HEAP = 128_000_000
 # A filter that keeps at most this many rows is handed to tantivy as a term set; a larger
 # one is applied to the ranked list afterwards, which then rarely needs to grow.
