@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.annotate import SUMMARY_NAME
@@ -46,8 +47,25 @@ def _columns(pf: pq.ParquetFile, wanted: tuple[str, ...]) -> list[str]:
     return [c for c in wanted if c in pf.schema_arrow.names]
 
 
+def _error_counts(pf: pq.ParquetFile) -> collections.Counter[str]:
+    if schema.STATUS not in pf.schema_arrow.names:
+        return collections.Counter()
+    table = pf.read(columns=_columns(pf, (schema.STATUS, schema.ERROR_KIND)))
+    failed = table.filter(pc.equal(table.column(schema.STATUS), schema.STATUS_ERROR))
+    kinds = failed.column(schema.ERROR_KIND) if schema.ERROR_KIND in failed.column_names else None
+    return collections.Counter(
+        {"unknown": failed.num_rows}
+        if kinds is None
+        else {k or "unknown": n for k, n in collections.Counter(kinds.to_pylist()).items()}
+    )
+
+
 def collect(output_url: str, storage: StorageOptions, sample_rows: int, error_rows: int) -> dict[str, Any]:
-    """Counts and the sample, reading only the columns it needs; :class:`SearchError` when there is no data."""
+    """Counts and the sample; :class:`SearchError` when there is no data.
+
+    Counting reads two small columns of every file; the sample reads whole rows
+    only from the first batches of the first files that have what it still needs.
+    """
     files = sorted(list_data_files(output_url, storage))
     errors: collections.Counter[str] = collections.Counter()
     total = 0
@@ -58,20 +76,22 @@ def collect(output_url: str, storage: StorageOptions, sample_rows: int, error_ro
         fs, path = filesystem_for(url, storage)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            table = pf.read(columns=_columns(pf, _SAMPLE_COLUMNS))
-        total += table.num_rows
-        rows = table.to_pylist() if schema.STATUS in table.column_names else []
-        taken = 0
-        for row in rows:
-            if row[schema.STATUS] == schema.STATUS_ERROR:
-                errors[row.get(schema.ERROR_KIND) or "unknown"] += 1
-                if len(error_sample) < error_rows:
-                    error_sample.append(row)
-            elif taken < per_file and len(ok_sample) < sample_rows:
-                ok_sample.append(row)
-                taken += 1
-        if not rows:  # a plain dataset without a status column: every row is a sample candidate
-            ok_sample += table.slice(0, max(0, min(per_file, sample_rows - len(ok_sample)))).to_pylist()
+            total += pf.metadata.num_rows
+            file_errors = _error_counts(pf)
+            errors += file_errors
+            want_ok = min(per_file, sample_rows - len(ok_sample))
+            want_errors = (error_rows - len(error_sample)) if file_errors else 0
+            for batch in pf.iter_batches(batch_size=1024, columns=_columns(pf, _SAMPLE_COLUMNS)):
+                if want_ok <= 0 and want_errors <= 0:
+                    break
+                for row in batch.to_pylist():
+                    if row.get(schema.STATUS) == schema.STATUS_ERROR:
+                        if want_errors > 0:
+                            error_sample.append(row)
+                            want_errors -= 1
+                    elif want_ok > 0:
+                        ok_sample.append(row)
+                        want_ok -= 1
     return {"rows": total, "errors": dict(errors), "sample": ok_sample + error_sample}
 
 

@@ -25,8 +25,9 @@ from workers.search_store import IndexLocation, SearchError
 from workers.storage import join
 from workers.thumbnails import job_input_settings, thumbnails
 
-# Embedding actors per GPU-less cluster: each holds a ~90 MB model and saturates about one core.
-_CPU_EMBED_ACTORS = 2
+# CPUs per embedding actor on a cluster without GPUs: a small model's matrix products use two
+# cores well (Ray sets the actor's thread count to its CPUs); more per actor scale poorly.
+_CPUS_PER_EMBED_ACTOR = 2
 
 
 def default_cache_dir() -> str:
@@ -41,8 +42,10 @@ def embed_with_ray(spec: IndexSpec, jobs: list[tuple[str, str]]) -> tuple[dict[s
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS, when set, joins that cluster
-    gpus = ray.cluster_resources().get("GPU", 0)
-    actors = max(1, int(gpus)) if gpus else _CPU_EMBED_ACTORS
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    cpus_each = 1 if gpus else min(_CPUS_PER_EMBED_ACTOR, max(1, int(resources.get("CPU", 1))))
+    actors = max(1, int(gpus)) if gpus else max(1, int(resources.get("CPU", 1)) // cpus_each)
     ds = ray.data.from_items([{"path": p, "vectors": v} for p, v in jobs])
     out = ds.map_batches(
         EmbedFiles,
@@ -56,7 +59,7 @@ def embed_with_ray(spec: IndexSpec, jobs: list[tuple[str, str]]) -> tuple[dict[s
         batch_size=1,  # one file per call: its vectors are one atomic write
         concurrency=min(actors, len(jobs)),
         num_gpus=1 if gpus else 0,
-        num_cpus=1,
+        num_cpus=cpus_each,
     ).take_all()
     dims = {int(r["dim"]) for r in out}
     return {r["path"]: int(r["rows"]) for r in out}, (dims.pop() if dims else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import numpy as np
 import pyarrow as pa
@@ -244,3 +245,34 @@ def test_embeddings_as_a_ray_data_job_equal_the_local_ones(ray_cluster, tmp_path
         a = np.load(tmp_path / "local" / "vectors" / name)
         b = np.load(tmp_path / "ray" / "vectors" / name)
         assert a.shape[1] == 384 and a.shape[0] in (5, 3) and np.allclose(a, b, atol=1e-5)
+
+
+def test_a_crash_between_the_text_commit_and_the_sqlite_commit_leaves_no_stale_text(tmp_path, capsys):
+    """tantivy commits before SQLite: a crash in between leaves text entries that SQLite never
+    recorded.  Their row ids are handed out again on the rerun, so unless the rerun deletes
+    them, a query would hit whatever row now holds those ids."""
+    folder = write_captions(tmp_path / "ds", CAPTIONS[:4])
+    write_captions(folder, CAPTIONS[4:], name="part-2.parquet")
+    assert cli(capsys, "index", folder, "--no-embeddings")[0] == 0
+    db = sqlite3.connect(folder / "_search" / "index.sqlite")
+    with db:  # part-2's transaction "rolled back": SQLite does not know it, tantivy does
+        (first,) = db.execute("SELECT first_rowid FROM files WHERE path LIKE '%part-2.parquet'").fetchone()
+        db.execute("DELETE FROM docs WHERE rowid >= ?", (first,))
+        db.execute("DELETE FROM files WHERE path LIKE '%part-2.parquet'")
+    db.close()
+    write_captions(folder, [("n::1", "/x", "1", None, "a yellow submarine", [])], name="part-1.parquet")
+    code, out, _ = cli(capsys, "index", folder, "--no-embeddings")
+    assert code == 0 and "indexed 5 rows from 2 file(s)" in out
+    assert [h["id"] for h in query(capsys, folder, "fireworks", "--mode", "text")] == ["v::7"]
+    assert sorted(h["id"] for h in query(capsys, folder, "harbour", "--mode", "text")) == ["v::7", "v::8"]
+
+
+def test_an_unreadable_text_index_is_reported_as_corrupt(tmp_path, capsys):
+    folder = write_captions(tmp_path / "ds")
+    assert cli(capsys, "index", folder, "--no-embeddings")[0] == 0
+    (folder / "_search" / "text" / "meta.json").unlink()
+    code, _, err = cli(capsys, "query", folder, "car", "--mode", "text")
+    assert code == 2 and "is corrupt" in err and "--overwrite" in err and "Traceback" not in err
+    (folder / "_search" / "text" / "meta.json").write_text("{not json")
+    code, _, err = cli(capsys, "query", folder, "car", "--mode", "text")
+    assert code == 2 and "is corrupt" in err
