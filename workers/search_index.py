@@ -143,17 +143,30 @@ def _scalar_columns(arrow_schema: pa.Schema, text_columns: tuple[str, ...]) -> l
     ]
 
 
+def _batch_texts(data: dict[str, list], text_columns: tuple[str, ...]) -> tuple[list[list[str]], list[int]]:
+    """Each text column's text per row, and the rows that have any: the one rule for which rows are indexed,
+    shared by the text phase and the embedding phase so that vector i is row i."""
+    n = len(data[schema.ID])
+    texts = [[text_of(v) for v in data.get(c, [None] * n)] for c in text_columns]
+    return texts, [i for i in range(n) if any(t[i] for t in texts)]
+
+
 def file_texts(fs, path: str, text_columns: tuple[str, ...]) -> list[str]:
     """The embedding text of each indexed row of one file, in rowid order (rows with text only)."""
-    texts = []
+    out = []
     for _, data in _read_batches(fs, path, text_columns):
-        n = len(data[schema.ID])
-        cols = [data.get(c, [None] * n) for c in text_columns]
-        for i in range(n):
-            parts = [text_of(col[i]) for col in cols]
-            if any(parts):
-                texts.append(". ".join(p for p in parts if p))
-    return texts
+        texts, keep = _batch_texts(data, text_columns)
+        out += [". ".join(t[i] for t in texts if t[i]) for i in keep]
+    return out
+
+
+def embed_file(embedder: TextEmbedder, url: str, vectors: str, index_url: str, storage: StorageOptions,
+               text_columns: tuple[str, ...]) -> int:  # fmt: skip
+    """Embed one Parquet file's indexed rows into vector file ``vectors``; returns how many rows."""
+    fs, path = filesystem_for(url, storage)
+    matrix = embedder.encode(file_texts(fs, path, text_columns))
+    save_vectors(index_url, storage, vectors, matrix)
+    return len(matrix)
 
 
 def _create_tables(conn: sqlite3.Connection, spec: IndexSpec) -> None:
@@ -202,8 +215,7 @@ def _index_file_text(conn: sqlite3.Connection, text: TextIndex, fs, url: str, fi
         extra = _scalar_columns(arrow_schema, spec.text_columns + HIT_COLUMNS)
         _add_columns(conn, extra)
         n = len(data[schema.ID])
-        texts = [[text_of(v) for v in data.get(c, [None] * n)] for c in spec.text_columns]
-        keep = [i for i in range(n) if any(t[i] for t in texts)]
+        texts, keep = _batch_texts(data, spec.text_columns)
         names = list(HIT_COLUMNS) + extra
         cols = [data.get(c, [None] * n) for c in names]
         if schema.CAPTION not in data:  # another dataset's text: its first text column shows as the caption
@@ -249,12 +261,10 @@ class EmbedFiles:
         self.index_url, self.storage, self.text_columns = index_url, storage, text_columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
-        for url, name in zip(batch["path"], batch["vectors"], strict=True):
-            fs, path = filesystem_for(str(url), self.storage)
-            vectors = self.embedder.encode(file_texts(fs, path, self.text_columns))
-            save_vectors(self.index_url, self.storage, str(name), vectors)
-            rows.append(len(vectors))
+        rows = [
+            embed_file(self.embedder, str(url), str(name), self.index_url, self.storage, self.text_columns)
+            for url, name in zip(batch["path"], batch["vectors"], strict=True)
+        ]
         return {"path": batch["path"], "rows": np.asarray(rows), "dim": np.full(len(rows), self.embedder.dim)}
 
 
@@ -380,12 +390,9 @@ def _embed_pending(
         counts, dim = embed_with_ray(spec, jobs)
     else:
         embedder = TextEmbedder(spec.embedding_model, batch_size=spec.embed_batch_size)
-        counts, dim = {}, embedder.dim
-        for url, name in jobs:
-            fs, path = filesystem_for(url, spec.storage)
-            vectors = embedder.encode(file_texts(fs, path, spec.text_columns))
-            save_vectors(location.url, spec.storage, name, vectors)
-            counts[url] = len(vectors)
+        dim = embedder.dim
+        counts = {url: embed_file(embedder, url, name, location.url, spec.storage, spec.text_columns)
+                  for url, name in jobs}  # fmt: skip
     for url, name in jobs:
         if counts.get(url) != expected[url]:  # the file changed between the two phases: redo it next run
             raise SearchError(

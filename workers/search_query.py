@@ -18,6 +18,7 @@ restricted to the rows it keeps.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Callable
@@ -197,11 +198,11 @@ class Searcher:
             scored = self._semantic_ranks(spec.text, allowed, spec.top_k)
         else:
             ranked, exact = self._text_ranks(words, allowed, limit)
+            semantic = [r for r, _ in self._semantic_ranks(spec.text, allowed, limit)]
             fused: dict[int, float] = {}
-            for i, r in enumerate(ranked):
-                fused[r] = fused.get(r, 0.0) + 1.0 / (RRF_K + i + 1)
-            for i, (r, _) in enumerate(self._semantic_ranks(spec.text, allowed, limit)):
-                fused[r] = fused.get(r, 0.0) + 1.0 / (RRF_K + i + 1)
+            for ranking in (ranked, semantic):
+                for i, r in enumerate(ranking):
+                    fused[r] = fused.get(r, 0.0) + 1.0 / (RRF_K + i + 1)
             order = sorted(fused, key=lambda r: (r not in exact, -fused[r], r))
             scored = [(r, fused[r]) for r in order[: spec.top_k]]
         return self._hits(scored, {w.lower() for w in words})
@@ -242,14 +243,12 @@ class Searcher:
 
 def open_searcher(location: IndexLocation, embedder_factory: Callable[[str], Any] | None) -> Searcher:
     """A :class:`Searcher` whose query embedder (built lazily by ``embedder_factory(model)``) matches the index."""
-    holder: dict[str, Any] = {}
 
-    def embed(texts: list[str]) -> np.ndarray:
-        if "e" not in holder:
-            if embedder_factory is None or not searcher.embedding_model:
-                raise SearchError("this index has no embeddings; query with --mode text")
-            holder["e"] = embedder_factory(searcher.embedding_model)
-        return holder["e"].encode(texts)
+    @functools.cache  # loaded on the first semantic query, once; text queries never load it
+    def embedder() -> Any:
+        if embedder_factory is None or not searcher.embedding_model:
+            raise SearchError("this index has no embeddings; query with --mode text")
+        return embedder_factory(searcher.embedding_model)
 
-    searcher = Searcher(location, embed)
+    searcher = Searcher(location, lambda texts: embedder().encode(texts))
     return searcher

@@ -131,9 +131,6 @@ class IndexLocation:
             return {}
         return {p.rsplit("/", 1)[-1]: int(i.get("size") or 0) for p, i in found.items() if "lock" not in p}
 
-    def vectors_url(self, name: str) -> str:
-        return join(self.url, VECTORS_DIR, name)
-
     def local_vectors(self, name: str) -> Path:
         """A local path of vector file ``name``, downloaded into the cache first for a remote index."""
         path = self.dir / VECTORS_DIR / name

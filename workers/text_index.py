@@ -122,9 +122,6 @@ class TextIndex:
                 return kept[:limit]
             n *= 8  # a large filter dropped some: look further down the ranking
 
-    def num_docs(self) -> int:
-        return self.index.searcher().num_docs
-
 
 def phrase(words: list[str]) -> str:
     return '"' + " ".join(words) + '"'  # \w+ words hold no quote: nothing to escape
