@@ -24,6 +24,7 @@ from workers.config import (
     CPU_BATCH_SIZE,
     DECODE_MODES,
     DTYPES,
+    ENGINES,
     FRAME_SAMPLINGS,
     GPU_BATCH_SIZE,
     INPUT_FORMATS,
@@ -223,6 +224,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-cache-dir", help="node-local directory for fetched weights")
     g.add_argument("--generation-batch", type=int, help="sequences per generate call (default: automatic)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="static KV cache + torch.compile on CUDA")
+    g.add_argument(
+        "--engine", choices=ENGINES, help="model engine: auto (default; README 'Model engines'), hf (ours) or vllm"
+    )
     g = p.add_argument_group("prompts")
     g.add_argument("--no-caption", dest="caption", action="store_false", help="skip captioning")
     g.add_argument("--caption-prompt", help='text the caption continues, e.g. "a photo of"')

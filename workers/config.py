@@ -20,6 +20,8 @@ from workers.storage import refuse_command_url
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Model engines: ours (hf, transformers underneath) or vLLM; auto = what measured fastest (replica.pick_engine).
+ENGINES = ("auto", "hf", "vllm")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images", "video")
 PARTITION_BY = ("shard", "none")
 WRITE_MODES = ("resume", "overwrite", "error")
@@ -257,10 +259,13 @@ class ModelSpec:
     # the static cache, which is slower).  Off by default: compiling costs
     # minutes per batch shape, which pays off only on long jobs.
     compile: bool = False
+    engine: str = "auto"  # one of ENGINES; vllm needs the vllm extra and an OPT-based model
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
             _fail("model", "must not be empty")
+        if self.engine not in ENGINES:
+            _fail("engine", f"must be one of {ENGINES}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             _fail("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.generation_batch is not None and self.generation_batch < 1:

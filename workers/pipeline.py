@@ -35,9 +35,10 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from workers import schema
 from workers.config import AnnotateConfig, DecodeSpec, InputSpec, ResourceSpec, StorageOptions, VideoSpec
 from workers.decode import decode_batch
+from workers.fast_path import FastPath
 from workers.listing import VIDEO, ShardRef
 from workers.readers import read_shard
-from workers.replica import Blip2Replica, FastPath
+from workers.replica import Blip2Replica
 from workers.video import decode_with_videos, read_video_shard
 from workers.writer import write_rows
 
