@@ -12,6 +12,17 @@ from PIL import Image
 
 from workers import schema
 
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "cat",
+    "immunohistochemistry",
+    "retina",
+    "hubble_deep_field",
+)
+
 
 def synthetic_images() -> dict[str, np.ndarray]:
     """Inputs unlike the photos: odd sizes and aspect ratios, grey, RGBA, noise."""
@@ -61,3 +72,39 @@ def model_input_table(
             schema.HEIGHT: pa.array([a.shape[0] for a in arrays], pa.int32()),
         }
     )
+
+
+def sample_photos() -> list[np.ndarray]:
+    """Real colour photographs shipped with scikit-image (no download)."""
+    from skimage import data
+
+    out = []
+    for name in SAMPLE_PHOTOS:
+        try:
+            image = getattr(data, name)()
+        except (AttributeError, OSError, ValueError):  # a build of scikit-image without that file
+            continue
+        if image.ndim == 3 and image.shape[2] >= 3:
+            out.append(np.ascontiguousarray(image[..., :3]))
+    return out
+
+
+def distinct_images(count: int, height: int, width: int, start: int = 0) -> list[np.ndarray]:
+    """``count`` different photos at the model's input size (uint8), as the decode stage hands them over.
+
+    Image ``k`` (from ``start``) is sample photo ``k % 8`` turned by 17 degrees
+    per pass through the photos: no two alike for 2,880 images, so caches keyed
+    by image content (vLLM's multimodal cache) never hit between calls that
+    take different ranges.
+    """
+    from PIL import Image
+
+    sources = sample_photos()
+    out = []
+    for k in range(start, start + count):
+        image = Image.fromarray(sources[k % len(sources)])
+        turns = k // len(sources)
+        if turns:
+            image = image.rotate(17 * turns, expand=False)
+        out.append(np.asarray(image.resize((width, height), Image.Resampling.BICUBIC)))
+    return out

@@ -1,18 +1,21 @@
-"""The benchmark harness runs and reports well-formed results.
+"""The benchmark harness (``bench/``, not part of the installed packages) runs and reports well-formed results.
 
 No timing assertions here: speed targets live in BENCHMARKS.md, measured with
-``python -m jobs.benchmark``, never in unit tests.
+``python -m bench.benchmark``, never in unit tests.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from jobs import benchmark
-from jobs.benchmark import Result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is run from the repository root
+from bench import benchmark  # noqa: E402
+from bench.benchmark import Result  # noqa: E402
 
 FIELDS = {f for f in Result.__dataclass_fields__}
 

@@ -1,6 +1,6 @@
 """Benchmarks: our path against the plain transformers recipe, measured side by side in one run.
 
-``python -m jobs.benchmark [--cases ...] [--device cpu|cuda] [--images N] [--json out.json]``
+``python -m bench.benchmark [--cases ...] [--device cpu|cuda] [--images N] [--json out.json]``
 
 Cases (``--cases``, comma separated; default: the CPU set, or the GPU set with ``--device cuda``):
 
@@ -52,7 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from workers.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helpers, shared not copied
+from model_inputs import distinct_images, model_input_table, sample_photos  # noqa: E402
+
+from workers.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE  # noqa: E402
 
 CPU_CASES = ("preprocess", "model-tiny", "model-small", "e2e")
 GPU_CASES = ("preprocess", "model-opt-2.7b", "model-opt-6.7b")
@@ -64,7 +67,6 @@ NEW_TOKENS = 20
 OPT27_GFLOP_PER_CAPTION = 852.0
 H100_BF16_TFLOPS = 989.0
 CAPTION_LIMIT_PER_S = H100_BF16_TFLOPS * 1e3 / OPT27_GFLOP_PER_CAPTION
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field")
 MEGAPIXELS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # Enough images that starting the model actor (importing torch and
 # transformers: ~3 CPU-seconds) is a small part of the run, as in real jobs.
@@ -321,26 +323,11 @@ def timing_details(m: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inputs
 
 
-def photos() -> list[np.ndarray]:
-    """Real colour photographs shipped with scikit-image (no download)."""
-    from skimage import data
-
-    out = []
-    for name in PHOTOS:
-        try:
-            image = getattr(data, name)()
-        except Exception:  # a build of scikit-image without that file
-            continue
-        if image.ndim == 3 and image.shape[2] >= 3:
-            out.append(np.ascontiguousarray(image[..., :3]))
-    return out
-
-
 def photo_jpegs(count: int, megapixels: Iterable[float] = MEGAPIXELS, quality: int = 90) -> list[bytes]:
     """``count`` JPEG files of 1-2 MP, made by upscaling real photos (distinct files, cycled)."""
     from PIL import Image
 
-    sources = photos()
+    sources = sample_photos()
     sizes = list(megapixels)
     out: list[bytes] = []
     distinct = min(count, len(sources) * len(sizes))
@@ -356,45 +343,6 @@ def photo_jpegs(count: int, megapixels: Iterable[float] = MEGAPIXELS, quality: i
     return [out[i % len(out)] for i in range(count)]
 
 
-def model_inputs(count: int, height: int, width: int) -> list[np.ndarray]:
-    """``count`` photos at the model's input size (uint8), as the decode stage would hand them over."""
-    from PIL import Image
-
-    sources = photos()
-    out = []
-    for i in range(count):
-        image = Image.fromarray(sources[i % len(sources)])
-        if i >= len(sources):  # more images than photos: vary them
-            image = image.rotate(17 * (i // len(sources)), expand=False)
-        out.append(np.asarray(image.resize((width, height), Image.Resampling.BICUBIC)))
-    return out
-
-
-def decoded_table(arrays: list[np.ndarray], start: int = 0):
-    """A decode-stage batch (what the model stage receives) holding ``arrays``."""
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    from workers import schema
-
-    n = len(arrays)
-    keys = [f"{start + i:06d}" for i in range(n)]
-    return pa.table(
-        {
-            schema.ID: [f"bench.tar::{k}" for k in keys],
-            schema.SOURCE: ["bench.tar"] * n,
-            schema.SHARD: ["bench.tar"] * n,
-            schema.KEY: keys,
-            schema.STATUS: [schema.STATUS_OK] * n,
-            schema.ERROR_KIND: pa.array([None] * n, pa.string()),
-            schema.ERROR: pa.array([None] * n, pa.string()),
-            schema.PIXELS: ArrowTensorArray.from_numpy(np.stack(arrays)),
-            schema.WIDTH: pa.array([a.shape[1] for a in arrays], pa.int32()),
-            schema.HEIGHT: pa.array([a.shape[0] for a in arrays], pa.int32()),
-        }
-    )
-
-
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -406,7 +354,7 @@ def bench_preprocess(images: int, rounds: int = 2, log: Callable[[str], None] = 
 
     from workers.config import DecodeSpec
     from workers.decode import decode_image
-    from workers.replica import make_normalizer
+    from workers.pixels import make_normalizer
 
     files = photo_jpegs(images)
     log(f"preprocess: {len(files)} JPEGs, {sum(map(len, files)) / len(files) / 1e3:.0f} KB on average")
@@ -528,6 +476,24 @@ def keep_fp32(net) -> None:
     net.query_tokens.data = net.query_tokens.data.float()
 
 
+class InMemoryReplica:
+    """The model stage around an engine built in memory (full-size random weights are never saved).
+
+    Benchmark-only, so it lives here: a :class:`workers.replica.Blip2Replica`
+    whose engine is given instead of loaded from ``ModelSpec``.
+    """
+
+    def __new__(cls, engine, prompts, generation, model_id: str):
+        from workers.config import ModelSpec
+        from workers.replica import Blip2Replica, SizeCap
+
+        replica = Blip2Replica.__new__(Blip2Replica)
+        replica.spec, replica.prompts, replica.generation = ModelSpec(model=model_id), prompts, generation
+        replica.revision, replica.engine = None, engine
+        replica._vision_cap, replica._generation_cap = SizeCap(), SizeCap()
+        return replica
+
+
 class Baseline:
     """The model card's recipe: ``Blip2Processor`` + ``generate``, one image and one prompt at a time."""
 
@@ -594,7 +560,10 @@ def _bench_model(name, device, images, baseline_images, batch, work_dir, layers,
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from workers.config import GenerationSpec, ModelSpec, PromptSpec
-    from workers.replica import Blip2Replica, FastPath, resolve_dtype
+    from workers.engine import Blip2Engine
+    from workers.fast_path import FastPath
+    from workers.model_loading import resolve_dtype
+    from workers.replica import Blip2Replica
     from workers.tiny_model import build_blip2
 
     generation = GenerationSpec(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
@@ -626,7 +595,7 @@ def _bench_model(name, device, images, baseline_images, batch, work_dir, layers,
             keep_fp32(base_net)
 
         def make_replica(prompts):
-            return Blip2Replica.from_objects(ours_net, processor, prompts, generation, model_id=name, fast=fast)
+            return InMemoryReplica(Blip2Engine(ours_net, processor, generation, fast), prompts, generation, name)
 
     log(f"{name}: ready in {time.perf_counter() - started:.1f}s on {device} (ours {ours_dtype}, baseline {base_dtype})")
     baseline = Baseline(base_net, base_processor, generation, device)
@@ -680,8 +649,9 @@ def _bench_model(name, device, images, baseline_images, batch, work_dir, layers,
 def _measure_model(replica, baseline: Baseline, prompts, images: int, baseline_images: int, batch: int,
                    rounds: int, device: str, clock: str) -> tuple[dict[str, Any], tuple[int, int]]:  # fmt: skip
     """Alternate our replica and the baseline on the same images; also count images with the same texts."""
-    arrays = model_inputs(images, replica.height, replica.width)
-    tables = [decoded_table(arrays[i : i + batch], i) for i in range(0, len(arrays), batch)]
+    height, width = replica.engine.height, replica.engine.width
+    arrays = distinct_images(images, height, width)
+    tables = [model_input_table(arrays[i : i + batch], height, width) for i in range(0, len(arrays), batch)]
     base_arrays = arrays[:baseline_images]
     prompt_texts: list[str | None] = [prompts.caption_prompt] if prompts.caption else []
     prompt_texts += [prompts.question_prompt(q) for q in prompts.questions]
@@ -706,7 +676,7 @@ def _measure_model(replica, baseline: Baseline, prompts, images: int, baseline_i
         return len(base_arrays)
 
     # Warm-up (first calls allocate, pick kernels, fill caches); not timed.
-    replica(decoded_table(arrays[: min(batch, 4)]))
+    replica(model_input_table(arrays[: min(batch, 4)], height, width))
     baseline(arrays[0], prompt_texts[0])
     m = alternate(run_ours, run_baseline, rounds, device, clock=clock)
     compared = [i for i in base_texts if i in ours_texts]
@@ -1036,7 +1006,7 @@ def run_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", help=f"comma-separated, of: {', '.join(ALL_CASES)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--images", type=int, help=f"images per model case, ours (CPU {CPU_BATCH_SIZE}, CUDA 1024)")
