@@ -232,6 +232,15 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-prompt", help='text the caption continues, e.g. "a photo of"')
     g.add_argument("--questions", nargs="+", help="questions asked of every image")
     g.add_argument("--question-template", help='default "Question: {q} Answer:"')
+    g.add_argument("--conversation", nargs="+", help="questions asked in turns, each turn seeing the earlier answers")
+    g.add_argument(
+        "--answered-turn-template", help='earlier turns in a turn prompt; default "Question: {q} Answer: {a}."'
+    )
+    g.add_argument(
+        "--row-questions-in-turns",
+        action="store_true",
+        help="ask the questions column's per-row questions as a conversation instead of each on its own",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--min-new-tokens", type=int)

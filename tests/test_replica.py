@@ -62,7 +62,7 @@ def test_error_rows_pass_through_and_output_schema(tiny_models, references, imag
     table = model_input_table(arrays, ref.height, ref.width, status=status, row_questions=[None, ["why?"], ["why?"]])
     out = make_replica(tiny_models["opt"], questions=QUESTIONS)(table)
 
-    extra = [schema.CAPTION, schema.ANSWERS, schema.MODEL_ID, schema.MODEL_REVISION]
+    extra = [schema.CAPTION, schema.ANSWERS, schema.CONVERSATION, schema.MODEL_ID, schema.MODEL_REVISION]
     assert out.column_names == [c for c in table.column_names if c != schema.PIXELS] + extra
     types = {f.name: f.type for f in schema.OUTPUT_FIELDS}
     for name in out.column_names:

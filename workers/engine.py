@@ -93,6 +93,9 @@ class Blip2Engine:
         self.image_token_id = int(config.image_token_index)
         lm = self.model.language_model
         self.is_encoder_decoder = bool(lm.config.is_encoder_decoder)
+        # Longest input + output the language model was built for (OPT's learned positions; T5's n_positions).
+        tc = lm.config
+        self.max_context = getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", None)
         bos = getattr(config.text_config, "bos_token_id", None)
         # What generate() starts an unprompted caption with after the image tokens.
         self._unprompted = (int(bos),) if bos is not None else tuple(self.tokenizer("").input_ids)
@@ -114,10 +117,10 @@ class Blip2Engine:
         )
         self.use_prefix_cache = self.own_loop and self.fast.prefix_cache
         if not self.is_encoder_decoder:
-            self._decoder = getattr(lm, lm.base_model_prefix).decoder
+            self.decoder = getattr(lm, lm.base_model_prefix).decoder
             # transformers 5.24 renamed the decoder's past_key_values argument to cache.
-            params = inspect.signature(self._decoder.forward).parameters
-            self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+            params = inspect.signature(self.decoder.forward).parameters
+            self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if self.device.type == "cuda" and self.dtype != torch.float32:
             # Let the Q-Former, which BLIP-2 keeps in float32, use TF32 tensor cores
             # (a process-wide setting: each replica is its own actor process).
@@ -262,7 +265,7 @@ class Blip2Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        self._decoder(inputs_embeds=embeds, **{self._cache_kwarg: cache}, use_cache=True, return_dict=True)
+        self.decoder(inputs_embeds=embeds, **{self.cache_kwarg: cache}, use_cache=True, return_dict=True)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     # ------------------------------------------------------------------ generation
@@ -276,7 +279,7 @@ class Blip2Engine:
             new = self._own_loop(embeds, prefix.kv, index, prompts)
         else:
             new = self._plain_generate(embeds, prompts)
-        return [self._trim(row) for row in new[: len(prompts)].tolist()]
+        return [self.trim(row) for row in new[: len(prompts)].tolist()]
 
     def _input_ids(self, prompts: list[tuple[int, ...]]):
         ids = [[self.image_token_id] * self.num_query_tokens + list(p) for p in prompts]
@@ -295,10 +298,10 @@ class Blip2Engine:
         else:
             first = self._torch.cat([embeds.to(token_embeds.dtype), token_embeds], dim=1)
         return greedy_tokens(
-            self._decoder,
+            self.decoder,
             self.model.language_model.lm_head,
             cache,
-            self._cache_kwarg,
+            self.cache_kwarg,
             first,
             input_ids,
             self.generation,
@@ -329,7 +332,7 @@ class Blip2Engine:
             return out[:, input_ids.shape[1] :]  # decoder-only generate echoes the prompt
         return out
 
-    def _trim(self, tokens: list[int]) -> list[int]:
+    def trim(self, tokens: list[int]) -> list[int]:
         """Drop everything after the first EOS (batched rows run on after theirs)."""
         for i, token in enumerate(tokens):
             if token in self.eos_ids:

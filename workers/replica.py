@@ -29,11 +29,12 @@ import numpy as np
 import pyarrow as pa
 
 from workers import schema
+from workers.batch_splitting import SizeCap, run_in_parts
 from workers.config import ENGINES, GenerationSpec, ModelSpec, PromptSpec, StorageOptions
+from workers.conversation import continue_conversations, first_session
 from workers.decode import pixels_from_table
 from workers.engine import Blip2Engine
 from workers.fast_path import FastPath
-from workers.gpu_memory import even_chunks, is_out_of_memory
 from workers.model_loading import resolve_dtype
 from workers.model_store import ModelLoadError, model_revision, resolve_model_dir
 
@@ -55,102 +56,6 @@ def pick_engine(requested: str, encoder_decoder: Callable[[], bool]) -> str:
     if requested == "vllm" and encoder_decoder():
         raise ValueError("engine: vllm runs BLIP-2 with OPT language models only; this model is T5 (use hf or auto)")
     return "hf" if requested == "auto" else requested
-
-
-class SizeCap:
-    """The largest per-call size known to fit after an out-of-memory error, recovering over time.
-
-    After ``recover_after`` calls in a row succeed at the cap, it doubles (and
-    disappears once at or above what was asked for): memory that was tight for
-    one batch (a neighbour's spike, long prompts) is usually free again.  A
-    doubling that runs out of memory again doubles ``recover_after``, so a
-    replica that really is short of memory probes ever more rarely.
-    """
-
-    RECOVER_AFTER = 32
-
-    def __init__(self) -> None:
-        self.limit: int | None = None
-        self.recover_after = self.RECOVER_AFTER
-        self._successes = 0
-        self._probing = False
-
-    def apply(self, chunk: int) -> int:
-        return min(chunk, self.limit) if self.limit else chunk
-
-    def shrink(self, size: int) -> None:
-        if self._probing:
-            self.recover_after *= 2
-        self.limit, self._successes, self._probing = max(1, size), 0, False
-
-    def succeeded(self, size: int, wanted: int) -> None:
-        if self.limit is None or size >= self.limit:
-            self._probing = False  # what was probed fitted
-        if self.limit is None or size < self.limit:
-            return
-        self._successes += 1
-        if self._successes >= self.recover_after:
-            self.limit = None if self.limit * 2 >= wanted else self.limit * 2
-            self._successes, self._probing = 0, True
-
-
-def run_in_parts(
-    items: list[Any],
-    call: Callable[[list[Any]], None],
-    image_of: Callable[[Any], int],
-    failed: dict[int, tuple[str, str]],
-    chunk: int,
-    cap: SizeCap,
-    after_oom: Callable[[], None],
-    what: str,
-) -> None:
-    """``call`` over ``items`` in even parts of at most ``cap.apply(chunk)``; failures land in ``failed``.
-
-    Out of memory halves the part (remembered in ``cap``) down to one item,
-    which then fails as ``out_of_memory``.  Any other error retries the part
-    item by item, so it lands on the image at fault as ``generation_failed``
-    with the exception's type and message.  Items of images already in
-    ``failed`` are skipped.  Never raises for a model error.
-    """
-    live = [x for x in items if image_of(x) not in failed]
-    start = 0
-    while start < len(live):
-        # Re-planned after every part: an out-of-memory error in one lowers the cap for the rest.
-        size = even_chunks(len(live) - start, cap.apply(chunk))[0]
-        _run_part(live[start : start + size], call, image_of, failed, chunk, cap, after_oom, what)
-        start += size
-
-
-def _run_part(part, call, image_of, failed, chunk, cap, after_oom, what) -> None:
-    part = [x for x in part if image_of(x) not in failed]
-    if not part:
-        return
-    oom = None
-    try:
-        call(part)
-        cap.succeeded(len(part), chunk)
-        return
-    except Exception as exc:  # noqa: BLE001 - the cause becomes the image's error row
-        message = f"{type(exc).__name__}: {exc}"
-        if not is_out_of_memory(exc):
-            if len(part) == 1:
-                failed[image_of(part[0])] = (schema.GENERATION_FAILED, message)
-                return
-            log.warning("%s failed for %d items, retrying one by one: %s", what, len(part), message)
-            for item in part:
-                _run_part([item], call, image_of, failed, chunk, cap, after_oom, what)
-            return
-        oom = message
-    # Outside the except block, so the failed call's tensors can be freed first.
-    after_oom()
-    if len(part) == 1:
-        failed[image_of(part[0])] = (schema.OUT_OF_MEMORY, f"out of memory {what} for the image alone: {oom}")
-        return
-    half = len(part) // 2
-    cap.shrink(half)
-    log.warning("out of memory %s %d items; retrying in halves of %d", what, len(part), half)
-    for piece in (part[:half], part[half:]):
-        _run_part(piece, call, image_of, failed, chunk, cap, after_oom, what)
 
 
 @dataclass
@@ -240,6 +145,7 @@ class Blip2Replica:
         ok_rows = [i for i, s in enumerate(status) if s == schema.STATUS_OK]
         captions: list[str | None] = [None] * n
         answers: list[list[dict[str, str]] | None] = [None] * n
+        conversations: list[list[dict[str, Any]] | None] = [None] * n
         names = batch.column_names
         error_kind = batch.column(schema.ERROR_KIND).to_pylist() if schema.ERROR_KIND in names else [None] * n
         error = batch.column(schema.ERROR).to_pylist() if schema.ERROR in names else [None] * n
@@ -247,11 +153,11 @@ class Blip2Replica:
         if ok_rows:
             # Most batches are all ok: no copy of the pixels then.
             ok_table = batch if len(ok_rows) == n else batch.take(pa.array(ok_rows, pa.int64()))
-            failed = self._annotate_ok(ok_table, ok_rows, captions, answers)
+            failed = self._annotate_ok(ok_table, ok_rows, captions, answers, conversations)
             for image, (kind, message) in failed.items():
                 row = ok_rows[image]
                 status[row], error_kind[row], error[row] = schema.STATUS_ERROR, kind, message
-                captions[row] = answers[row] = None
+                captions[row] = answers[row] = conversations[row] = None
 
         out = batch.drop_columns([schema.PIXELS]) if schema.PIXELS in names else batch
         columns = {
@@ -260,6 +166,7 @@ class Blip2Replica:
             schema.ERROR: pa.array(error, pa.string()),
             schema.CAPTION: pa.array(captions, pa.string()),
             schema.ANSWERS: pa.array(answers, pa.list_(schema.ANSWER_TYPE)),
+            schema.CONVERSATION: pa.array(conversations, pa.list_(schema.TURN_TYPE)),
             schema.MODEL_ID: pa.array([self.spec.model] * n, pa.string()),
             schema.MODEL_REVISION: pa.array([self.revision] * n, pa.string()),
         }
@@ -270,7 +177,7 @@ class Blip2Replica:
                 out = out.append_column(name, values)
         return out
 
-    def _annotate_ok(self, ok_table: pa.Table, ok_rows, captions, answers) -> dict[int, tuple[str, str]]:
+    def _annotate_ok(self, ok_table: pa.Table, ok_rows, captions, answers, conversations) -> dict[int, tuple[str, str]]:
         engine = self.engine
         pixels = pixels_from_table(ok_table)
         if pixels.ndim != 4 or pixels.shape[1:] != (engine.height, engine.width, 3):
@@ -289,14 +196,18 @@ class Blip2Replica:
         )
         questions: list[list[str]] = []
         jobs: list[_Job] = []
+        talks: list[list[str]] = []
+        in_turns = self.prompts.row_questions_in_turns
         for image in range(len(ok_rows)):
-            qs = list(self.prompts.questions) + [q for q in (row_questions[image] or []) if q and q.strip()]
+            own = [q for q in (row_questions[image] or []) if q and q.strip()]
+            qs = list(self.prompts.questions) + ([] if in_turns else own)
+            talks.append(list(self.prompts.conversation) + (own if in_turns else []))
             questions.append(qs)
             if self.prompts.caption:
                 jobs.append(_Job(image, 0, engine.prompt_ids(self.prompts.caption_prompt)))
             jobs += [_Job(image, k, engine.prompt_ids(self.prompts.question_prompt(q))) for k, q in enumerate(qs, 1)]
         failed: dict[int, tuple[str, str]] = {}
-        if not jobs:
+        if not jobs and not any(talks):
             return failed
 
         features: list[Any] = [None] * len(ok_rows)
@@ -319,7 +230,7 @@ class Blip2Replica:
         )
         if len(failed) == len(images):
             return failed
-        per_image = [len(qs) + bool(self.prompts.caption) for qs in questions]
+        per_image = [len(qs) + bool(self.prompts.caption) + len(t) for qs, t in zip(questions, talks, strict=True)]
         prefix = engine.prefix(features, per_image)
 
         def generate(part: list[_Job]) -> None:
@@ -337,6 +248,7 @@ class Blip2Replica:
                 group, generate, lambda j: j.image, failed, chunk, self._generation_cap, engine.after_oom, "generating"
             )
 
+        turns = self._converse(prefix, talks, failed) if any(talks) else None
         texts = engine.decode([j.result for j in jobs])
         results = {(j.image, j.slot): text for j, text in zip(jobs, texts, strict=True)}
         for image, row in enumerate(ok_rows):
@@ -345,4 +257,55 @@ class Blip2Replica:
             if self.prompts.caption:
                 captions[row] = results[(image, 0)]
             answers[row] = [{"question": q, "answer": results[(image, k)]} for k, q in enumerate(questions[image], 1)]
+            if turns is not None:
+                conversations[row] = turns[image]
         return failed
+
+    def _converse(self, prefix, talks: list[list[str]], failed) -> list[list[dict[str, Any]]]:
+        """Every image's conversation, turn by turn; one turn of all images at a time.
+
+        Turn k's prompt holds the earlier questions and the model's own answers
+        (``PromptSpec.turn_prompt``); an image whose next turn would not fit the
+        language model's context fails as ``context_exceeded`` (its other turns
+        are dropped with it: a row is whole or an error).
+        """
+        engine = self.engine
+        done: list[list[dict[str, Any]]] = [[] for _ in talks]
+        sessions = [first_session(engine, prefix, image) for image in range(len(talks))]
+        for turn in range(max(len(t) for t in talks)):
+            jobs: list[_Job] = []
+            for image, questions in enumerate(talks):
+                if turn >= len(questions) or image in failed:
+                    continue
+                history = [(d["question"], d["answer"]) for d in done[image]]
+                ids = engine.prompt_ids(self.prompts.turn_prompt(history, questions[turn]))
+                need = engine.num_query_tokens + len(ids) + self.generation.max_new_tokens
+                if engine.max_context and need > engine.max_context:
+                    failed[image] = (
+                        schema.CONTEXT_EXCEEDED,
+                        f"conversation turn {turn + 1} needs up to {need} tokens ({engine.num_query_tokens} image, "
+                        f"{len(ids)} prompt, max_new_tokens {self.generation.max_new_tokens}); the language model's "
+                        f"context holds {engine.max_context}",
+                    )
+                    continue
+                jobs.append(_Job(image, turn + 1, ids))
+
+            def talk(part: list[_Job]) -> None:
+                tokens, after = continue_conversations(
+                    engine,
+                    prefix,
+                    [j.image for j in part],
+                    [j.prompt_ids for j in part],
+                    [sessions[j.image] for j in part],
+                )
+                for job, result, session in zip(part, tokens, after, strict=True):
+                    job.result, sessions[job.image] = result, session
+
+            chunk = engine.generation_chunk(max((len(j.prompt_ids) for j in jobs), default=1))
+            run_in_parts(
+                jobs, talk, lambda j: j.image, failed, chunk, self._generation_cap, engine.after_oom, "talking"
+            )
+            jobs = [j for j in jobs if j.image not in failed]
+            for job, text in zip(jobs, engine.decode([j.result for j in jobs]), strict=True):
+                done[job.image].append({"turn": job.slot, "question": talks[job.image][turn], "answer": text})
+        return done

@@ -55,6 +55,7 @@ FRAME_LIMIT_REACHED = "frame_limit_reached"  # max_frames_per_video sampled; the
 # Model.
 GENERATION_FAILED = "generation_failed"  # generate raised for this image alone
 OUT_OF_MEMORY = "out_of_memory"  # out of accelerator memory even alone
+CONTEXT_EXCEEDED = "context_exceeded"  # a conversation turn would not fit the language model's context
 
 # error_kind -> transient (a rerun of the same input may succeed).
 ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
@@ -83,6 +84,7 @@ ERROR_KINDS: MappingProxyType[str, bool] = MappingProxyType(
         FRAME_LIMIT_REACHED: False,
         GENERATION_FAILED: True,
         OUT_OF_MEMORY: True,  # a later run may have larger GPUs or a smaller batch
+        CONTEXT_EXCEEDED: False,
     }
 )
 TRANSIENT_ERROR_KINDS = frozenset(kind for kind, transient in ERROR_KINDS.items() if transient)
@@ -121,10 +123,12 @@ FRAME_FIELDS = [
 # Stage 3 (model) output replaces ``pixels`` with these.
 CAPTION = "caption"
 ANSWERS = "answers"
+CONVERSATION = "conversation"  # questions asked in turns, each seeing the earlier answers
 MODEL_ID = "model_id"
 MODEL_REVISION = "model_revision"
 
 ANSWER_TYPE = pa.struct([("question", pa.string()), ("answer", pa.string())])
+TURN_TYPE = pa.struct([("turn", pa.int32()), ("question", pa.string()), ("answer", pa.string())])
 
 READ_FIELDS = [
     pa.field(ID, pa.string(), nullable=False),
@@ -147,6 +151,7 @@ OUTPUT_FIELDS = [
     pa.field(KEY, pa.string(), nullable=False),
     pa.field(CAPTION, pa.string()),
     pa.field(ANSWERS, pa.list_(ANSWER_TYPE)),
+    pa.field(CONVERSATION, pa.list_(TURN_TYPE)),
     pa.field(STATUS, pa.string(), nullable=False),
     pa.field(ERROR_KIND, pa.string()),
     pa.field(ERROR, pa.string()),

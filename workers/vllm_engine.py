@@ -63,6 +63,7 @@ class VllmEngine:
     """Images and prompt token ids in, generated token ids out, through ``vllm.LLM``."""
 
     name = "vllm"
+    own_loop = False  # conversations recompute each turn's prompt (vLLM's prefix caching may reuse it)
 
     def __init__(
         self, model_dir: Path, generation: GenerationSpec, dtype: Any, fast: FastPath | None = None, device: Any = None
@@ -92,6 +93,7 @@ class VllmEngine:
         self.height = int(size["height"]) if "height" in size else int(size["shortest_edge"])
         self.width = int(size["width"]) if "width" in size else int(size["shortest_edge"])
         self.num_query_tokens = int(config.num_query_tokens)
+        self.max_context = getattr(config.text_config, "max_position_embeddings", None)
         eos = config.text_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         bos = config.text_config.bos_token_id
