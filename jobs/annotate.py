@@ -34,6 +34,7 @@ from workers.listing import list_shards
 from workers.model_store import ModelUnavailableError, check_model_reachable
 from workers.readers import KEY_COLUMN_CANDIDATES
 from workers.storage import filesystem_for, join
+from workers.usage import UsageMeter, cost_summary, stage_busy_seconds
 
 log = logging.getLogger("blip2_annotate")
 
@@ -67,7 +68,20 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"skipped {summary['rows_skipped_as_done']} images in {summary['shards_skipped_as_done']} shards "
         f"already done; of {summary['inputs']} listed images {summary['ok']} ok, {summary['errors']} errors "
         f"({errors}); output {summary['output']} holds {summary['output_rows']} images"
+    ) + _cost_line(summary.get("cost"))
+
+
+def _cost_line(cost: dict[str, Any] | None) -> str:
+    if not cost:
+        return ""
+    unit = cost["device"].upper()
+    line = (
+        f"; {cost['device_seconds_held']:.1f} {unit}-seconds held, {cost['device_seconds_busy']:.1f} busy, "
+        f"{cost['images_per_device_hour'] or 0:,.0f} images per {unit}-hour"
     )
+    if cost["cost_per_1k_images"] is not None:
+        line += f", {cost['cost_per_1k_images']:.4f} per 1,000 images ({cost['cost_per_1m_images']:,.2f} per 1M)"
+    return line
 
 
 def code_version() -> str:
@@ -133,22 +147,32 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         # Replicas load the revision the driver checked and the manifest records,
         # even if the hub's branch moves while the job runs.
         pinned = replace(cfg, model=replace(cfg.model, revision=model_info.get("revision") or cfg.model.revision))
-        ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id)
+        meter_name = f"blip2-usage-{run_id}"
+        meter = ray.remote(num_cpus=0)(UsageMeter).options(name=meter_name).remote()
+        ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id, meter_name)
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.record(reports)
+        run_end = time.time()
+        replicas = ray.get(meter.totals.remote())
+        ray.kill(meter)
         ledger.finish()
         if ledger.incomplete():
             raise LedgerError(f"shards without all their rows after the run: {ledger.incomplete()[:10]}")
     else:
         gpus = 0.0
     wall = time.monotonic() - started
+    rows_this_run = sum(m["rows"] for m in ledger.completed_this_run.values())
+    cost = None
+    if todo:
+        device, units = ("gpu", gpus) if gpus > 0 else ("cpu", cfg.resources.cpus_per_replica)
+        cost = cost_summary(replicas, run_end, device, units, rows_this_run, cfg.resources.gpu_hour_price)
+        cost["stage_busy_s"] = stage_busy_seconds(ds)
 
     markers = {**plan.done, **ledger.completed_this_run}
     errors: collections.Counter[str] = collections.Counter()
     for m in markers.values():
         errors.update(m["errors"])
     rows = sum(m["rows"] for m in markers.values())
-    rows_this_run = sum(m["rows"] for m in ledger.completed_this_run.values())
     summary = {
         "run_id": run_id,
         "output": cfg.output.url,
@@ -170,6 +194,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
         "images_per_s": round(rows_this_run / wall, 3) if wall > 0 else 0.0,
         "gpus_per_replica": gpus,
+        "cost": cost,  # None when nothing ran; workers/usage.py says what each figure counts
         "batch_size": cfg.resources.model_batch_size(gpus) if todo else None,  # None: nothing ran
         "model": model_info,
         "config": cfg.to_dict(),

@@ -258,6 +258,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-replica", type=float)
     g.add_argument("--decode-concurrency", type=int, help="max concurrent CPU decode tasks")
     g.add_argument("--read-batch-rows", type=int)
+    g.add_argument("--gpu-hour-price", type=float, help="price of a GPU-hour (CPU-hour on CPU runs): cost per image")
     g = p.add_argument_group("storage")
     g.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, R2, ...); credentials: standard AWS chain")
     g.add_argument("--region")

@@ -192,6 +192,36 @@ def test_image_folder_fidelity_to_plain_generate(ray_cluster, tmp_path, tiny_mod
                 assert qa == {"question": question, "answer": reference(rgb, f"Question: {question} Answer:")[0]}
 
 
+def test_conversation_and_what_the_run_cost(ray_cluster, tmp_path, tiny_models, photos, capsys):
+    """A conversation reaches the Parquet output; the summary's cost fields agree with the run's wall time."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, arr in photos.items():
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(arr))
+    out = tmp_path / "out"
+    turns = ["What is in the picture?", "Why?"]
+    price = 3.0
+    code = main(["--input", str(folder), "--output", str(out), "--model", str(tiny_models["opt"]),
+                 "--conversation", *turns, "--max-new-tokens", "6", "--gpu-hour-price", str(price)])  # fmt: skip
+    assert code == 0
+    rows = read_output(str(out))
+    assert len(rows) == len(photos)
+    for row in rows:
+        assert [(t["turn"], t["question"]) for t in row["conversation"]] == [(1, turns[0]), (2, turns[1])]
+    summary = json.loads((out / "_summary.json").read_text())
+    cost = summary["cost"]
+    assert (cost["device"], cost["replicas"], cost["device_hour_price"]) == ("cpu", 1, price)
+    # One replica reserving 1 CPU: held is its lifetime, within the run's wall time; busy within held.
+    assert 0 < cost["device_seconds_busy"] <= cost["device_seconds_held"] <= summary["wall_time_s"]
+    assert cost["images_per_device_hour"] == pytest.approx(len(photos) / cost["device_seconds_held"] * 3600, rel=1e-3)
+    assert cost["cost_per_1k_images"] == pytest.approx(price / cost["images_per_device_hour"] * 1000, rel=1e-3)
+    assert cost["cost_per_1m_images"] == pytest.approx(cost["cost_per_1k_images"] * 1000, rel=1e-3)
+    stages = cost["stage_busy_s"]
+    assert set(stages) == {"read_decode", "model", "write"} and all(v > 0 for v in stages.values()), stages
+    assert stages["model"] >= cost["device_seconds_busy"] * 0.5  # Ray Data's task time includes the replica's calls
+    assert "CPU-seconds held" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_question_template_and_no_caption_from_a_public_bucket_with_anon(ray_cluster, s3_endpoint, s3_bucket,
                                                                          tiny_models, photos, tmp_path):  # fmt: skip

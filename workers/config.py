@@ -301,10 +301,15 @@ class ResourceSpec:
     cpus_per_replica: float = 1.0
     decode_concurrency: int | None = None  # None = let Ray Data scale decode tasks
     read_batch_rows: int = 256  # rows per reader block: big enough to amortise, small enough to stream
+    # Price of one device-hour (a GPU-hour; a CPU-hour on CPU-only runs) for the
+    # summary's cost per 1,000 and per 1,000,000 images; None = no cost figures.
+    gpu_hour_price: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             _fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.gpu_hour_price is not None and not self.gpu_hour_price >= 0:
+            _fail("gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
         if self.replicas_min < 1:
             _fail("replicas_min", f"must be >= 1, got {self.replicas_min}")
         if self.replicas_max < self.replicas_min:

@@ -9,8 +9,9 @@ the longest common prefix is kept and only the rest is prefilled.  Causal
 attention makes that the same computation as running the whole prompt again,
 and turn k costs its new tokens instead of all of them.
 
-Only our engine's own greedy loop continues a cache.  Everything else (T5,
-beams, vLLM) runs each turn's whole prompt: the same tokens, recomputed.
+Only our engine's own greedy loop continues a cache (and only with
+``FastPath.prefix_cache``).  Everything else (T5, beams, vLLM) runs each
+turn's whole prompt: the same tokens, recomputed.
 """
 
 from __future__ import annotations
@@ -59,20 +60,22 @@ def continue_conversations(
     """
     if not getattr(engine, "own_loop", False):
         return _recompute(engine, prefix, images, prompts), [None] * len(images)
+    reuse = engine.use_prefix_cache  # FastPath.prefix_cache=False: every turn from scratch, as the oracle
+    sessions = sessions if reuse else [None] * len(images)
     q = engine.num_query_tokens
     plans = []
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    groups: dict[int, list[int]] = defaultdict(list)
     for j, (ids, session) in enumerate(zip(prompts, sessions, strict=True)):
         full = (engine.image_token_id,) * q + tuple(ids)
         keep = _common_prefix(session.ids, full) if session is not None else 0
-        keep = min(keep, len(full) - 1)  # at least one position is prefilled: its logits start the answer
-        if keep < q:  # nothing worth keeping: start from the image embeddings
-            keep = 0
-        plans.append((full, keep))
-        groups[(keep, len(full))].append(j)
+        plans.append((full, min(keep, len(full) - 1)))  # at least one position prefilled: it starts the answer
+        groups[len(full)].append(j)
     tokens: list[list[int]] = [[] for _ in images]
     after: list[Session | None] = [None] * len(images)
-    for (keep, _), members in groups.items():
+    for members in groups.values():
+        # One call per prompt length (no padding); it keeps what all its members share.
+        keep = min(plans[j][1] for j in members)
+        keep = keep if keep >= q else 0  # less than the image positions: start from the image embeddings
         new, cache = _run_group(engine, prefix, [images[j] for j in members], [plans[j][0] for j in members],
                                 [sessions[j] for j in members], keep)  # fmt: skip
         steps = new.shape[1]
@@ -81,7 +84,7 @@ def continue_conversations(
             tokens[j] = engine.trim(row)
             # The cache holds the prompt and every generated token but the last (never fed back).
             kv = [(layer.keys[r : r + 1], layer.values[r : r + 1]) for layer in cache.layers]
-            after[j] = Session(plans[j][0] + tuple(row[: steps - 1]), kv)
+            after[j] = Session(plans[j][0] + tuple(row[: steps - 1]), kv) if reuse else None
     return tokens, after
 
 

@@ -27,7 +27,8 @@ class FastPath:
     ``gpu_share``         the fraction of its GPU this replica may plan batches
                           for (``gpus_per_replica`` when replicas share a GPU).
     ``prefix_cache``      decoder-only models: the image positions' keys/values
-                          computed once per image and shared by its prompts.
+                          computed once per image and shared by its prompts, and
+                          each conversation turn continuing the previous turn's cache.
     """
 
     generation_batch: int | None = None

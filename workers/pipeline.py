@@ -143,6 +143,7 @@ def build_dataset(
     gpus_per_replica: float,
     model_cache_root: str | None,
     run_id: str,
+    usage_meter: str | None = None,
 ) -> ray.data.Dataset:
     """Lazily build the dataset of write reports (``writer.REPORT_SCHEMA``); nothing runs until consumed."""
     res = cfg.resources
@@ -155,6 +156,7 @@ def build_dataset(
             "generation": cfg.generation,
             "storage": cfg.storage,
             "cache_root": model_cache_root,
+            "usage_meter": usage_meter,
             "fast": FastPath(
                 generation_batch=cfg.model.generation_batch,
                 compile=cfg.model.compile,

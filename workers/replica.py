@@ -20,6 +20,7 @@ retried image by image and lands on the image at fault as
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from workers.engine import Blip2Engine
 from workers.fast_path import FastPath
 from workers.model_loading import resolve_dtype
 from workers.model_store import ModelLoadError, model_revision, resolve_model_dir
+from workers.usage import ReplicaUsage
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,17 @@ class Blip2Replica:
         cache_root: str | None = None,
         fast: FastPath | None = None,
         device: str | None = None,
+        usage_meter: str | None = None,
     ) -> None:
         """Fetch (once per node) and load the model; raises :class:`ModelLoadError` naming the model.
 
         ``device``: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when available, else CPU).
+        ``usage_meter``: the name of the run's :class:`workers.usage.UsageMeter` actor, if any.
         """
         import torch
 
+        # First: the replica holds its device from here, while it loads too.
+        self.usage = ReplicaUsage(usage_meter)
         self.spec, self.prompts, self.generation = model, prompts, generation
         fast = fast or FastPath()
         try:
@@ -136,8 +142,11 @@ class Blip2Replica:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        started = time.perf_counter()
         with torch.inference_mode():
-            return self._annotate(batch)
+            out = self._annotate(batch)
+        self.usage.add(time.perf_counter() - started, batch.num_rows)
+        return out
 
     def _annotate(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
