@@ -27,6 +27,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from jobs.progress import Progress
 from jobs.settings import config_from_argv
 from workers.config import AnnotateConfig, ConfigError
 from workers.ledger import LedgerError, OutputConflictError, ShardLedger
@@ -140,7 +141,10 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
             ray.init()  # RAY_ADDRESS, when set, makes this join that cluster
         # A replica that cannot load its model fails every time; stop after a
         # few attempts with the cause instead of restarting it forever.
-        ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = MAX_REPLICA_INIT_DEATHS
+        context = ray.data.DataContext.get_current()
+        context.max_consecutive_actor_init_deaths = MAX_REPLICA_INIT_DEATHS
+        # Ray Data's bars count write reports (files), not images: jobs/progress.py reports instead.
+        context.enable_progress_bars = False
         gpus = resolve_gpus_per_replica(cfg, ray.cluster_resources().get("GPU", 0.0))
         log.info("model stage: replicas %s, %.2f GPUs each; %d of %d shards to do",
                  (cfg.resources.replicas_min, cfg.resources.replicas_max), gpus, len(todo), len(shards))  # fmt: skip
@@ -150,8 +154,12 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         meter_name = f"blip2-usage-{run_id}"
         meter = ray.remote(num_cpus=0)(UsageMeter).options(name=meter_name).remote()
         ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id, meter_name)
+        progress = Progress(todo, sum(m["rows"] for m in plan.done.values()), len(plan.done),
+                            cfg.output.progress_interval_s)  # fmt: skip
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.record(reports)
+            progress.update(reports)
+        progress.close()
         run_end = time.time()
         replicas = ray.get(meter.totals.remote())
         ray.kill(meter)

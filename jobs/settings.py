@@ -217,6 +217,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--retry-errors", action="store_true", help="resume also redoes shards with transient error rows"
     )
+    g.add_argument("--progress-interval-s", type=float, help="seconds between progress lines in logs (default 30)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub id, local directory, s3:// prefix, or tiny-random (offline smoke test)")
     g.add_argument("--revision", help="pin a hub revision (commit, tag or branch)")

@@ -348,10 +348,15 @@ class OutputSpec:
     # Resume also redoes completed shards holding error rows of a transient
     # kind (schema.TRANSIENT_ERROR_KINDS: read errors, out of memory, ...).
     retry_errors: bool = False
+    # Seconds between the driver's plain progress lines (logs, `ray job submit`);
+    # on a terminal a progress bar redraws instead.  0 = a line per write report.
+    progress_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.url or not self.url.strip():
             _fail("output", "an output URL is required")
+        if not self.progress_interval_s >= 0:
+            _fail("progress_interval_s", f"must be >= 0, got {self.progress_interval_s}")
         _refuse_command_url(self.url, "output")
         if self.mode not in WRITE_MODES:
             _fail("mode", f"must be one of {WRITE_MODES}, got {self.mode!r}")
