@@ -324,3 +324,25 @@ def test_out_of_memory_splitting_in_a_ray_data_actor_stage(ray_cluster, tiny_mod
     assert got.num_rows == table.num_rows
     assert sorted(_ids_and_outputs(got)) == expected
     assert set(got.column(schema.STATUS).to_pylist()) == {schema.STATUS_OK}
+
+
+def test_caption_prompts_from_a_template_and_from_a_per_row_column(tiny_models, references, images):
+    """Conditional captions: "{column}" filled from the row's passed-through input, or the row's own prompt."""
+    from workers.config import AnnotateConfig, InputSpec, OutputSpec
+
+    ref = references["opt"]
+    arrays = [images["astronaut"], images["coffee"], images["rocket"]]
+    table = model_input_table(arrays, ref.height, ref.width)
+    table = table.append_column("title", pa.array(["a man", None, "a rocket"], pa.string()))
+    table = table.append_column("prompt", pa.array([None, "a cup of", " "], pa.string()))
+    prompts = PromptSpec(caption_prompt="a photo of {title},", caption_prompt_column="prompt")
+    replica = Blip2Replica(ModelSpec(model=str(tiny_models["opt"])), prompts, GEN, device="cpu")
+    captions = replica(table).column(schema.CAPTION).to_pylist()
+    asked = ["a photo of a man,", "a cup of", "a photo of a rocket,"]  # row 2's prompt is blank: the template
+    assert captions == [ref(rgb, prompt)[0] for rgb, prompt in zip(arrays, asked, strict=True)]
+    assert captions[1] != ref(arrays[1], "a photo of ,")[0]  # the column's prompt won, and it matters
+
+    with pytest.raises(ConfigError, match="caption_prompt: input column 'title' must also be one of passthrough"):
+        AnnotateConfig(InputSpec(urls=("x",)), OutputSpec(url="y"), prompts=PromptSpec(caption_prompt="{title}"))
+    with pytest.raises(ConfigError, match="caption_prompt_column"):
+        AnnotateConfig(InputSpec(urls=("x",), passthrough_columns=("title",)), OutputSpec(url="y"), prompts=prompts)

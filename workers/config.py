@@ -20,6 +20,8 @@ from workers.storage import refuse_command_url
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 TINY_MODEL_NAMES = ("tiny-random", "tiny-random-opt", "tiny-random-t5")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# A "{column}" placeholder in a caption prompt template.
+_FIELD = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
 # Model engines: ours (hf, transformers underneath) or vLLM; auto = what measured fastest (replica.pick_engine).
 ENGINES = ("auto", "hf", "vllm")
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images", "video")
@@ -229,7 +231,12 @@ class PromptSpec:
     """What is asked of every image."""
 
     caption: bool = True
-    caption_prompt: str | None = None  # e.g. "a photo of"; None = unconditional caption
+    # e.g. "a photo of"; None = unconditional caption.  "{name}" fills in the row's
+    # value of input column name (one of input.passthrough_columns), e.g. "a photo of {title},".
+    caption_prompt: str | None = None
+    # An input column (also passed through) holding each row's own caption prompt;
+    # rows where it is empty use caption_prompt.
+    caption_prompt_column: str | None = None
     questions: tuple[str, ...] = ()
     question_template: str = "Question: {q} Answer:"  # the BLIP-2 paper's VQA template
     # Questions asked in turns: turn k's prompt holds the earlier turns, each as
@@ -253,6 +260,20 @@ class PromptSpec:
 
     def question_prompt(self, question: str) -> str:
         return self.question_template.replace("{q}", question.strip())
+
+    def caption_fields(self) -> tuple[str, ...]:
+        """The input columns the caption prompt template names."""
+        return tuple(dict.fromkeys(_FIELD.findall(self.caption_prompt or "")))
+
+    def row_caption_prompt(self, values: dict[str, Any]) -> str | None:
+        """The caption prompt of a row whose passed-through input values are ``values`` (missing: empty)."""
+        own = values.get(self.caption_prompt_column) if self.caption_prompt_column else None
+        if own is not None and str(own).strip():
+            return str(own)
+        if self.caption_prompt is None:
+            return None
+        fill = lambda m: "" if values.get(m.group(1)) is None else str(values[m.group(1)])  # noqa: E731
+        return _FIELD.sub(fill, self.caption_prompt)
 
     def turn_prompt(self, history: list[tuple[str, str]], question: str) -> str:
         """The prompt of a conversation turn: the answered turns, then ``question``."""
@@ -384,6 +405,11 @@ class AnnotateConfig:
         p = self.prompts
         if not (p.caption or p.questions or p.conversation or self.input.questions_column):
             _fail("caption", "nothing to do: captioning is off and there are no questions")
+        named = [("caption_prompt", f) for f in p.caption_fields()]
+        named += [("caption_prompt_column", p.caption_prompt_column)] if p.caption_prompt_column else []
+        for setting, column in named:
+            if column not in self.input.passthrough_columns:
+                _fail(setting, f"input column {column!r} must also be one of passthrough_columns")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the summary JSON (holds no credentials: none are in here)."""

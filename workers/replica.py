@@ -203,6 +203,7 @@ class Blip2Replica:
             if schema.ROW_QUESTIONS in ok_table.column_names
             else [None] * len(ok_rows)
         )
+        captions_asked = self._caption_prompts(ok_table)
         questions: list[list[str]] = []
         jobs: list[_Job] = []
         talks: list[list[str]] = []
@@ -213,7 +214,7 @@ class Blip2Replica:
             talks.append(list(self.prompts.conversation) + (own if in_turns else []))
             questions.append(qs)
             if self.prompts.caption:
-                jobs.append(_Job(image, 0, engine.prompt_ids(self.prompts.caption_prompt)))
+                jobs.append(_Job(image, 0, engine.prompt_ids(captions_asked[image])))
             jobs += [_Job(image, k, engine.prompt_ids(self.prompts.question_prompt(q))) for k, q in enumerate(qs, 1)]
         failed: dict[int, tuple[str, str]] = {}
         if not jobs and not any(talks):
@@ -269,6 +270,16 @@ class Blip2Replica:
             if turns is not None:
                 conversations[row] = turns[image]
         return failed
+
+    def _caption_prompts(self, ok_table: pa.Table) -> list[str | None]:
+        """Each row's caption prompt: its own (``caption_prompt_column``), or the template filled from its columns."""
+        p = self.prompts
+        columns = [*p.caption_fields(), *([p.caption_prompt_column] if p.caption_prompt_column else [])]
+        if not columns:
+            return [p.caption_prompt] * ok_table.num_rows
+        names = {c: schema.passthrough_name(c) for c in columns}
+        values = {c: ok_table.column(n).to_pylist() for c, n in names.items() if n in ok_table.column_names}
+        return [p.row_caption_prompt({c: v[i] for c, v in values.items()}) for i in range(ok_table.num_rows)]
 
     def _converse(self, prefix, talks: list[list[str]], failed) -> list[list[dict[str, Any]]]:
         """Every image's conversation, turn by turn; one turn of all images at a time.
