@@ -35,7 +35,7 @@ class Session:
 
 def first_session(engine: Any, prefix: Any, image: int) -> Session | None:
     """The image positions as a session (from the prefix cache), or ``None`` where there is none."""
-    if prefix.kv is None or not getattr(engine, "own_loop", False):
+    if not getattr(engine, "own_loop", False) or prefix.kv is None:
         return None
     row = slice(image, image + 1)
     return Session((engine.image_token_id,) * engine.num_query_tokens, [(k[row], v[row]) for k, v in prefix.kv])
