@@ -486,11 +486,13 @@ class InMemoryReplica:
     def __new__(cls, engine, prompts, generation, model_id: str):
         from workers.config import ModelSpec
         from workers.replica import Blip2Replica, SizeCap
+        from workers.usage import ReplicaUsage
 
         replica = Blip2Replica.__new__(Blip2Replica)
         replica.spec, replica.prompts, replica.generation = ModelSpec(model=model_id), prompts, generation
         replica.revision, replica.engine = None, engine
         replica._vision_cap, replica._generation_cap = SizeCap(), SizeCap()
+        replica.usage = ReplicaUsage(None)
         return replica
 
 
