@@ -154,8 +154,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         meter_name = f"blip2-usage-{run_id}"
         meter = ray.remote(num_cpus=0)(UsageMeter).options(name=meter_name).remote()
         ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id, meter_name)
-        progress = Progress(todo, sum(m["rows"] for m in plan.done.values()), len(plan.done),
-                            cfg.output.progress_interval_s)  # fmt: skip
+        progress = Progress(todo, sum(m["rows"] for m in plan.done.values()), cfg.output.progress_interval_s)
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ledger.record(reports)
             progress.update(reports)

@@ -30,13 +30,10 @@ __all__ = ["Progress"]
 class Progress:
     """Fed the write reports as they stream in; never raises into the run."""
 
-    def __init__(
-        self, shards: list[Any], done_rows: int, done_shards: int, interval_s: float, tty: bool | None = None
-    ) -> None:
-        """``shards``: the shards this run does; ``done_rows``/``done_shards``: completed by earlier runs."""
+    def __init__(self, shards: list[Any], done_rows: int, interval_s: float, tty: bool | None = None) -> None:
+        """``shards``: the shards this run does; ``done_rows``: the rows earlier runs completed."""
         self.todo_shards = len(shards)
         self.done_before = done_rows
-        self.shards_before = done_shards
         # Images per shard where the listing knows them (image folders); None where only reading tells.
         self._listed = {s.name: len(s.files) for s in shards if s.files}
         self._expected: dict[str, int] = {}

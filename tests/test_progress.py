@@ -25,9 +25,9 @@ def _shard(name: str, files: int = 0):
 
 def test_totals_are_exact_for_listed_images_and_estimated_for_tars_until_read(caplog):
     caplog.set_level("INFO", logger="jobs.progress")
-    folders = Progress([_shard("a", 3), _shard("b", 5)], done_rows=0, done_shards=0, interval_s=0, tty=False)
+    folders = Progress([_shard("a", 3), _shard("b", 5)], done_rows=0, interval_s=0, tty=False)
     assert folders.total() == 8
-    tars = Progress([_shard("t1"), _shard("t2"), _shard("t3")], done_rows=10, done_shards=1, interval_s=0, tty=False)
+    tars = Progress([_shard("t1"), _shard("t2"), _shard("t3")], done_rows=10, interval_s=0, tty=False)
     assert tars.total() is None  # nothing read yet: unknown, shown as "?"
     tars.update(_reports({"shard": "t1", "file": "f", "rows": 4, "ok": 3, "errors": json.dumps({"decode_failed": 1})}))
     assert tars.done() == 14 and tars.total() is None
