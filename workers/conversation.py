@@ -20,8 +20,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from workers.decoding import greedy_tokens
-
 __all__ = ["Session", "continue_conversations", "first_session"]
 
 
@@ -35,7 +33,7 @@ class Session:
 
 def first_session(engine: Any, prefix: Any, image: int) -> Session | None:
     """The image positions as a session (from the prefix cache), or ``None`` where there is none."""
-    if not getattr(engine, "own_loop", False) or prefix.kv is None:
+    if not engine.own_loop or prefix.kv is None:
         return None
     row = slice(image, image + 1)
     return Session((engine.image_token_id,) * engine.num_query_tokens, [(k[row], v[row]) for k, v in prefix.kv])
@@ -58,7 +56,7 @@ def continue_conversations(
     what its previous turn left (``None``: start from the image prefix alone).
     Errors from the model propagate unchanged (the stage isolates them).
     """
-    if not getattr(engine, "own_loop", False):
+    if not engine.own_loop:
         return _recompute(engine, prefix, images, prompts), [None] * len(images)
     reuse = engine.use_prefix_cache  # FastPath.prefix_cache=False: every turn from scratch, as the oracle
     sessions = sessions if reuse else [None] * len(images)
@@ -92,25 +90,17 @@ def _run_group(engine, prefix, images, fulls, sessions, keep):
     import torch
     from transformers import DynamicCache
 
-    q = engine.num_query_tokens
     input_ids = torch.tensor(fulls, dtype=torch.long, device=engine.device)
     cache = DynamicCache()
+    image_embeds = None
     if keep:
         for layer in range(len(sessions[0].kv)):
             keys = torch.cat([s.kv[layer][0][:, :, :keep] for s in sessions])
             values = torch.cat([s.kv[layer][1][:, :, :keep] for s in sessions])
             cache.update(keys, values, layer)
-        first = engine.model.get_input_embeddings()(input_ids[:, keep:])
     else:
-        index = torch.tensor(images, device=prefix.embeds.device)
-        token_embeds = engine.model.get_input_embeddings()(input_ids[:, q:])
-        image_embeds = prefix.embeds.index_select(0, index).to(token_embeds.dtype)
-        first = torch.cat([image_embeds, token_embeds], dim=1)
-    lm_head = engine.model.language_model.lm_head
-    new = greedy_tokens(
-        engine.decoder, lm_head, cache, engine.cache_kwarg, first, input_ids, engine.generation, engine.eos_ids
-    )
-    return new, cache
+        image_embeds = prefix.embeds.index_select(0, torch.tensor(images, device=prefix.embeds.device))
+    return engine.greedy_from(cache, input_ids, keep, image_embeds), cache
 
 
 def _recompute(engine, prefix, images, prompts) -> list[list[int]]:

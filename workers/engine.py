@@ -37,7 +37,7 @@ from workers import gpu_memory
 from workers.config import GenerationSpec
 from workers.decoding import greedy_loop_covers, greedy_tokens
 from workers.fast_path import FastPath
-from workers.model_loading import load_hf_model
+from workers.model_loading import PromptTokens, input_size, load_hf_model
 from workers.model_store import ModelLoadError
 from workers.pixels import PinnedStaging, make_normalizer, normalization_table, normalize_pixels
 
@@ -81,14 +81,11 @@ class Blip2Engine:
         param = next(net.parameters())
         self.device = param.device
         self.dtype = net.vision_model.embeddings.patch_embedding.weight.dtype
-        self.tokenizer = processor.tokenizer
         ip = processor.image_processor
         self.rescale_factor = float(ip.rescale_factor) if ip.do_rescale else 1.0
         self.image_mean = list(ip.image_mean) if ip.do_normalize else [0.0, 0.0, 0.0]
         self.image_std = list(ip.image_std) if ip.do_normalize else [1.0, 1.0, 1.0]
-        size = ip.size
-        self.height = int(size["height"]) if "height" in size else int(size["shortest_edge"])
-        self.width = int(size["width"]) if "width" in size else int(size["shortest_edge"])
+        self.height, self.width = input_size(ip)
         self.num_query_tokens = int(config.num_query_tokens)
         self.image_token_id = int(config.image_token_index)
         lm = self.model.language_model
@@ -97,11 +94,8 @@ class Blip2Engine:
         tc = lm.config
         self.max_context = getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", None)
         bos = getattr(config.text_config, "bos_token_id", None)
-        # What generate() starts an unprompted caption with after the image tokens.
-        self._unprompted = (int(bos),) if bos is not None else tuple(self.tokenizer("").input_ids)
-        self._prompt_cache: dict[str | None, tuple[int, ...]] = {}
-        eos = lm.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self.text = PromptTokens(processor.tokenizer, bos, lm.generation_config.eos_token_id)
+        self.eos_ids = self.text.eos_ids
         self._normalize = make_normalizer(self.rescale_factor, self.image_mean, self.image_std)
         self._table = normalization_table(self.rescale_factor, self.image_mean, self.image_std)
         self._table_device = None
@@ -139,15 +133,10 @@ class Blip2Engine:
 
     def prompt_ids(self, prompt: str | None) -> tuple[int, ...]:
         """Token ids of ``prompt`` as ``Blip2Processor`` makes them (``None`` = unprompted caption)."""
-        ids = self._prompt_cache.get(prompt)
-        if ids is None:
-            ids = self._unprompted if prompt is None else tuple(int(i) for i in self.tokenizer(prompt).input_ids)
-            if len(self._prompt_cache) < 4096:
-                self._prompt_cache[prompt] = ids
-        return ids
+        return self.text.ids(prompt)
 
     def decode(self, token_lists: list[list[int]]) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)]
+        return self.text.decode(token_lists)
 
     def group_key(self, prompt_ids: tuple[int, ...]) -> int:
         """Jobs with equal keys may share a generation call: equal prompt lengths need no padding."""
@@ -288,24 +277,27 @@ class Blip2Engine:
     def _own_loop(self, embeds, kv, index, prompts):
         from transformers import DynamicCache
 
-        input_ids = self._input_ids(prompts)
-        token_embeds = self.model.get_input_embeddings()(input_ids[:, self.num_query_tokens :])
         cache = DynamicCache()
         if kv is not None:  # start after the image positions
             for layer, (keys, values) in enumerate(kv):
                 cache.update(keys.index_select(0, index), values.index_select(0, index), layer)
-            first = token_embeds
+        keep = self.num_query_tokens if kv is not None else 0
+        return self.greedy_from(cache, self._input_ids(prompts), keep, embeds)
+
+    def greedy_from(self, cache, input_ids, keep: int, image_embeds):
+        """Our greedy loop for ``input_ids`` (image tokens + prompt), ``cache`` already holding the first ``keep``.
+
+        ``keep`` 0: the image positions are prefilled from ``image_embeds``, then the prompt.
+        """
+        embed = self.model.get_input_embeddings()
+        if keep:
+            first = embed(input_ids[:, keep:])
         else:
-            first = self._torch.cat([embeds.to(token_embeds.dtype), token_embeds], dim=1)
+            token_embeds = embed(input_ids[:, self.num_query_tokens :])
+            first = self._torch.cat([image_embeds.to(token_embeds.dtype), token_embeds], dim=1)
+        lm_head = self.model.language_model.lm_head
         return greedy_tokens(
-            self.decoder,
-            self.model.language_model.lm_head,
-            cache,
-            self.cache_kwarg,
-            first,
-            input_ids,
-            self.generation,
-            self.eos_ids,
+            self.decoder, lm_head, cache, self.cache_kwarg, first, input_ids, self.generation, self.eos_ids
         )
 
     def _plain_generate(self, embeds, prompts):
@@ -333,8 +325,4 @@ class Blip2Engine:
         return out
 
     def trim(self, tokens: list[int]) -> list[int]:
-        """Drop everything after the first EOS (batched rows run on after theirs)."""
-        for i, token in enumerate(tokens):
-            if token in self.eos_ids:
-                return tokens[: i + 1]
-        return tokens
+        return self.text.trim(tokens)

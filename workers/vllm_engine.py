@@ -23,6 +23,7 @@ import numpy as np
 
 from workers.config import GenerationSpec
 from workers.fast_path import FastPath
+from workers.model_loading import PromptTokens, input_size
 from workers.model_store import ModelLoadError
 
 # vLLM's share of its GPU: its own default (0.9) scaled by the replica's share
@@ -88,16 +89,12 @@ class VllmEngine:
         if config.text_config.is_encoder_decoder:
             raise ModelLoadError(f"engine vllm: {model_dir} is a T5 BLIP-2; vLLM runs OPT-based BLIP-2 only (use hf)")
         processor = Blip2Processor.from_pretrained(model_dir, local_files_only=True)
-        self.tokenizer = processor.tokenizer
-        size = processor.image_processor.size
-        self.height = int(size["height"]) if "height" in size else int(size["shortest_edge"])
-        self.width = int(size["width"]) if "width" in size else int(size["shortest_edge"])
+        self.height, self.width = input_size(processor.image_processor)
         self.num_query_tokens = int(config.num_query_tokens)
         self.max_context = getattr(config.text_config, "max_position_embeddings", None)
-        eos = config.text_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        bos = config.text_config.bos_token_id
-        self._unprompted = (int(bos),) if bos is not None else tuple(self.tokenizer("").input_ids)
+        tc = config.text_config
+        self.text = PromptTokens(processor.tokenizer, tc.bos_token_id, tc.eos_token_id)
+        self.eos_ids = self.text.eos_ids
         try:
             self._sampling = vllm.SamplingParams(**generation_settings(generation, self.eos_ids))
         except ValueError as exc:
@@ -118,10 +115,10 @@ class VllmEngine:
 
     def prompt_ids(self, prompt: str | None) -> tuple[int, ...]:
         """Token ids as ``Blip2Processor`` makes them; vLLM inserts the image tokens in front."""
-        return self._unprompted if prompt is None else tuple(int(i) for i in self.tokenizer(prompt).input_ids)
+        return self.text.ids(prompt)
 
     def decode(self, token_lists: list[list[int]]) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)]
+        return self.text.decode(token_lists)
 
     def group_key(self, prompt_ids: tuple[int, ...]) -> int:
         return 0  # vLLM pads and schedules by itself: one group
@@ -149,9 +146,4 @@ class VllmEngine:
             for image, ids in zip(images, prompts, strict=True)
         ]
         outputs = self.llm.generate(requests, self._sampling, use_tqdm=False)
-        results = []
-        for out in outputs:
-            tokens = list(out.outputs[0].token_ids)
-            cut = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
-            results.append(tokens[:cut])
-        return results
+        return [self.text.trim(list(out.outputs[0].token_ids)) for out in outputs]
