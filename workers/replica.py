@@ -145,7 +145,7 @@ class Blip2Replica:
         started = time.perf_counter()
         with torch.inference_mode():
             out = self._annotate(batch)
-        self.usage.add(time.perf_counter() - started, batch.num_rows)
+        self.usage.add(time.perf_counter() - started)
         return out
 
     def _annotate(self, batch: pa.Table) -> pa.Table:

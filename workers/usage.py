@@ -1,8 +1,8 @@
 """What a run's model replicas held and used: the figures its cost is computed from.
 
 Each replica reports, after every batch, when it started (before loading its
-weights), how long it has been inside model calls and how many images it did,
-to one small Ray actor per run (:class:`UsageMeter`).  The driver reads the
+weights) and how long it has been inside model calls, to one small Ray actor
+per run (:class:`UsageMeter`).  The driver reads the
 totals at the end (:func:`cost_summary`).  Reports are cumulative and keyed by
 replica, so a lost report costs nothing but that report's increment, and a
 replica Ray restarts counts as the new replica it is (it held the device too).
@@ -23,8 +23,8 @@ class UsageMeter:
     def __init__(self) -> None:
         self._replicas: dict[str, dict[str, float]] = {}
 
-    def report(self, replica: str, started: float, busy_s: float, images: int) -> None:
-        self._replicas[replica] = {"started": started, "busy_s": busy_s, "images": images}
+    def report(self, replica: str, started: float, busy_s: float) -> None:
+        self._replicas[replica] = {"started": started, "busy_s": busy_s}
 
     def totals(self) -> dict[str, dict[str, float]]:
         return dict(self._replicas)
@@ -40,7 +40,6 @@ class ReplicaUsage:
     def __init__(self, meter_name: str | None) -> None:
         self.started = time.time()
         self.busy_s = 0.0
-        self.images = 0
         self._id = uuid.uuid4().hex
         self._meter = None
         if meter_name:
@@ -51,11 +50,10 @@ class ReplicaUsage:
             except ValueError:  # no such actor: the driver did not start one
                 self._meter = None
 
-    def add(self, busy_s: float, images: int) -> None:
+    def add(self, busy_s: float) -> None:
         self.busy_s += busy_s
-        self.images += images
         if self._meter is not None:
-            self._meter.report.remote(self._id, self.started, self.busy_s, self.images)
+            self._meter.report.remote(self._id, self.started, self.busy_s)
 
 
 def stage_busy_seconds(ds: Any) -> dict[str, float] | None:
