@@ -21,7 +21,7 @@ import av
 import numpy as np
 import pytest
 from helpers import driver_env, output_ids, read_markers, read_output, tar_bytes
-from videofactory import audio_only, encode, pan_frames, shots
+from videofactory import audio_only, encode, pan_frames, remux, shots
 
 from workers import schema
 from workers.config import DecodeSpec, StorageOptions, VideoSpec
@@ -227,8 +227,9 @@ def test_interval_sampling_leaves_non_reference_frames_undecoded(clips, monkeypa
 
 def test_scene_mode_adds_interval_frames_inside_long_shots(clips):
     rows = rows_of(clips["h264"], VideoSpec(frame_sampling="scene", max_scene_seconds=2.5, frame_interval=1.0))
-    # Shots start at 0, 2, 3.5 and 6.5; only the 3-second shot is longer than 2.5 s.
-    assert [r.time for r in rows] == pytest.approx([0.0, 2.0, 3.5, 4.5, 5.5, 6.5])
+    # Shots start at 0, 2, 3.5 and 6.5; only the 3-second shot is longer than 2.5 s: its extras
+    # are on interval sampling's grid (whole seconds), at least half an interval after its start.
+    assert [r.time for r in rows] == pytest.approx([0.0, 2.0, 3.5, 4.0, 5.0, 6.0, 6.5])
 
 
 def test_histogram_distance_bounds():
@@ -424,7 +425,7 @@ def test_frame_captions_equal_the_plain_recipe_on_the_same_frame(ray_cluster, ti
     from workers.config import GenerationSpec
 
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "clip.mkv").write_bytes(_remux(clips["h264"], "matroska"))
+    (tmp_path / "in" / "clip.mkv").write_bytes(remux(clips["h264"], "matroska"))
     (tmp_path / "in" / "photo.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_models["opt"]),
@@ -442,18 +443,6 @@ def test_frame_captions_equal_the_plain_recipe_on_the_same_frame(ray_cluster, ti
         assert r["caption"] == ref(rgb, None)[0], r["frame_time"]
         assert r["answers"][0]["answer"] == ref(rgb, "Question: What is it? Answer:")[0]
     assert main([*args[:-4], "--frame-interval", "1.0", "--questions", "What is it?"]) == 2  # settings differ
-
-
-def _remux(data: bytes, fmt: str) -> bytes:
-    """The same H.264 stream in another container (no re-encoding)."""
-    out = io.BytesIO()
-    with av.open(io.BytesIO(data)) as src, av.open(out, mode="w", format=fmt) as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                dst.mux(packet)
-    return out.getvalue()
 
 
 @pytest.mark.slow

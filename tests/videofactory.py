@@ -100,3 +100,41 @@ def audio_only(seconds: float = 1.0) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def remux(data: bytes, fmt: str, options: dict[str, str] | None = None) -> bytes:
+    """The same video stream in another container (``matroska``, ``mpegts``, ...), not re-encoded."""
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(out, mode="w", format=fmt, options=options or {}) as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    return out.getvalue()
+
+
+CUES_ID = b"\x1c\x53\xbb\x6b"  # Matroska's Cues element: the seek index
+
+
+def _vint(value: int, length: int) -> bytes:
+    """EBML's variable-length integer in ``length`` bytes: a 1 marking the length, then the value."""
+    return ((1 << (7 * length)) | value).to_bytes(length, "big")
+
+
+def mkv_without_cues(data: bytes) -> bytes:
+    """``data`` as a Matroska file with no seek index, its duration kept: the Cues element
+    and the SeekHead's entry naming it are overwritten by Void elements (0xEC) of the same
+    length, what a recording cut off before its index was written looks like to a demuxer."""
+    mkv = bytearray(remux(data, "matroska", {"write_crc32": "0"}))  # no checksums to mend
+    assert mkv.count(CUES_ID) == 2, "expected a SeekHead entry naming the Cues, then the Cues"
+    at = mkv.rindex(CUES_ID)
+    length = 9 - mkv[at + 4].bit_length()  # of the size vint: its leading zeros + 1
+    size = int.from_bytes(mkv[at + 4 : at + 4 + length], "big") & ((1 << (7 * length)) - 1)
+    mkv[at : at + 4 + length] = b"\xec" + _vint(size, length + 3)
+    seek = mkv.index(b"\x53\xab\x84" + CUES_ID) - 3  # the Seek element (0x4DBB, 1-byte size) holding it
+    assert mkv[seek : seek + 2] == b"\x4d\xbb" and mkv[seek + 2] & 0x80, "expected a Seek with a 1-byte size"
+    length = mkv[seek + 2] & 0x7F
+    mkv[seek : seek + 3 + length] = b"\xec" + _vint(length, 2) + bytes(length)
+    assert CUES_ID not in mkv
+    return bytes(mkv)

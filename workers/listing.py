@@ -11,7 +11,8 @@ glob (``*``, ``?``, ``[...]``, ``**``) on any fsspec URL: a local path,
 * ``.mp4``, ``.mov``, ``.m4v``, ``.mkv``, ``.webm``, ``.avi`` -> one ``video``
   shard each; one at least ``VideoSpec.split_above_bytes`` large is probed for
   its duration and cut into spans of ``VideoSpec.span_seconds``, one shard each
-  (``<name>.t<start seconds>``), so a long film spreads over the cluster.
+  (``<name>.t<start seconds>``, with milliseconds when ``span_seconds`` is not whole),
+  so a long film spreads over the cluster.
 
 An explicit ``InputSpec.format`` restricts this to that format's extensions.
 Anything else is ignored and counted in :class:`ListingStats`; hidden files
@@ -224,11 +225,14 @@ def _video_spans(videos: list[ShardRef], storage: StorageOptions, spec: VideoSpe
             continue
         spans = math.ceil(duration / spec.span_seconds)
         width = len(str(int(duration)))
+        whole = float(spec.span_seconds).is_integer()
         for k in range(spans):
             start = k * spec.span_seconds
             # The last span runs to the end, whatever the header's duration says.
             end = 0.0 if k == spans - 1 else (k + 1) * spec.span_seconds
-            name = f"{ref.name}.t{int(start):0{width}d}"
+            # Spans of a fraction of a second need milliseconds to be told apart.
+            label = f"{int(start):0{width}d}" if whole else f"{start:0{width + 4}.3f}"
+            name = f"{ref.name}.t{label}"
             out.append(dataclasses.replace(ref, name=name, start_s=start, end_s=end))
     return out
 

@@ -18,11 +18,19 @@ Sampling (``VideoSpec.frame_sampling``), by presentation time from the stream's 
   is handed to FFmpeg with ``skip_frame=NONREF``: dropped undecoded when it is a
   non-reference frame (no other frame depends on it, so nothing else changes).
   When the next target lies past a keyframe the demuxer seeks to it.
-* ``scene``: the first frame of every shot, plus one every T inside shots longer
-  than ``max_scene_seconds``.  A cut is a jump in the 32-bin luma histogram of a
-  64x36 thumbnail of consecutive frames (see :func:`histogram_distance`) that
-  lasts: a flash is not a cut (:func:`_cuts`).
+* ``scene``: the first frame of every shot, plus, inside shots of ``max_scene_seconds``
+  or more, the first frame at or after each k*T at least T/2 into the shot.  A cut is
+  a jump in the 32-bin luma histogram of a 64x36 thumbnail of consecutive frames (see
+  :func:`histogram_distance`) that lasts: a flash is not a cut (:func:`_cuts`).
 * ``keyframes``: the stream's keyframes only (``skip_frame=NONKEY``), the cheapest.
+
+Spans ``[start, end)`` of a video (workers/listing.py) give exactly the rows of the
+unsplit video, in every mode: a span owns the frames (interval: the targets) in it;
+scene spans decode from before their start and past their end as far as the rule's
+decisions look (:func:`_scene`).  A seek that lands past the time asked for (MPEG-TS,
+other files without an index) goes back further (:meth:`_Decoder.start_at`).  This
+assumes what FFmpeg decodes after a seek to a keyframe is what it decodes there from
+the stream's start (closed GOPs; x264's default).
 
 ``frame_index`` is exact while the stream is read from its start: a frame's rank
 among the packets demuxed so far (every packet with an earlier presentation time
@@ -69,6 +77,11 @@ MIN_TRUSTED_BYTES_PER_SECOND = 125
 # the current position: a seek costs a demuxer reset and the frames from the
 # keyframe to the target (measured in BENCHMARKS.md, "Video").
 SEEK_MIN_GAP_S = 2.0
+# A seek to a span's start that lands past it goes back this far, then twice as far, ...
+SEEK_BACK_S = 1.0
+# Scene spans decode from this long before the history their decisions need (_scene):
+# frames for the cut rule's state to become known; doubled while it does not.
+SCENE_WARMUP_S = 1.0
 # Ranged reads of this size: FFmpeg reads sequentially and seeks now and then, so a
 # readahead cache of a few MB keeps S3 requests few without holding the file.
 READ_BLOCK_BYTES = 4 * 1024**2
@@ -199,7 +212,11 @@ class _Clock:
 
 def _frames(container: Any, stream: Any, clock: _Clock, spec: VideoSpec, start: float, end: float | None):
     """Yield ``(time, index, av.VideoFrame)`` for the frames the sampling picks in ``[start, end)``."""
-    sampler = {"interval": _interval, "scene": _scene, "keyframes": _keyframes}[spec.frame_sampling]
+    if spec.frame_sampling == "scene":
+        # From the stream's start, on past the span's end: _scene seeks and stops it.
+        yield from _scene(_Decoder(container, stream, clock, spec, 0.0, None), spec, start, end)
+        return
+    sampler = {"interval": _interval, "keyframes": _keyframes}[spec.frame_sampling]
     yield from sampler(_Decoder(container, stream, clock, spec, start, end), spec, start)
 
 
@@ -221,8 +238,27 @@ class _Decoder:
         self._seek: float | None = None
         self.seen: list[int] = []  # sorted pts of the packets demuxed since the start or the last seek
         self.from_start = True  # packet ranks are frame indexes only while read from the start
-        if start > 0:
-            self._jump(start)
+        self.fresh = True  # nothing demuxed yet: the stream's start needs no seek
+        self._need: float | None = None  # after start_at: the first frame must start at or before this
+        self._retreats = 0
+        self.start_at(start)
+
+    def start_at(self, seconds: float) -> None:
+        """Decode every frame from ``seconds`` on (the stream's start when <= 0): seek to the
+        keyframe at or before it.  When the first frame then comes later (without an index,
+        FFmpeg's seek in MPEG-TS can land past a keyframe, and the decoder waits for the
+        next one), seek again SEEK_BACK_S earlier, doubling, down to the stream's start."""
+        if seconds <= 0 and self.fresh:
+            return
+        self._need, self._retreats = (seconds if seconds > 0 else None), 0
+        self._jump(max(seconds, 0.0))
+
+    def _retreat(self) -> None:
+        self._retreats += 1
+        target = self._need - SEEK_BACK_S * 2 ** (self._retreats - 1)
+        if target <= 0:
+            self._need, target = None, 0.0  # from the stream's start: its first frame is the first there is
+        self._jump(target)
 
     def _jump(self, seconds: float) -> None:
         pts = int(seconds / self.clock.time_base) + self.clock.start_pts
@@ -255,6 +291,7 @@ class _Decoder:
         while True:
             jumped = False
             for packet in self.container.demux(self.stream):
+                self.fresh = False
                 if packet.pts is not None:
                     bisect.insort(self.seen, packet.pts)
                     if self.keyframes_only and not packet.is_keyframe:
@@ -266,6 +303,12 @@ class _Decoder:
                     if frame.pts is None or (self.keyframes_only and not frame.key_frame):
                         continue
                     t = clock.seconds(frame.pts)
+                    if self._need is not None:
+                        if t > self._need + 1e-9:  # landed past the time asked for
+                            self._retreat()
+                            jumped = True
+                            break
+                        self._need = None
                     if self.end is not None and t >= self.end:
                         return
                     yield t, self._index(frame.pts), frame
@@ -314,8 +357,9 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
             if not advance():
                 return
         if abs(target - t) <= 1e-9:
-            emitted = frame.pts
-            yield t, index, frame
+            if frame.pts != emitted:
+                emitted = frame.pts
+                yield t, index, frame
             if not advance():
                 return
         previous = (t, index, frame)
@@ -333,19 +377,31 @@ def _interval(frames: _Decoder, spec: VideoSpec, start: float):
             yield previous
 
 
-def _cuts(frames: _Decoder, threshold: float) -> Iterator[tuple[float, int, Any, bool]]:
+def _cuts(frames: _Decoder, threshold: float, known: bool) -> Iterator[tuple[float, int, Any, bool | None]]:
     """``(time, index, frame, starts_a_shot)`` for each frame, FLASH_FRAMES frames late.
 
     A cut is a luma-histogram jump above ``threshold`` from the frame before that is
     still there FLASH_FRAMES frames later: a flash or a two-frame glitch, whose
     histogram returns to what it was, is not a cut (tools/bench_scene.py measures
-    both rules).  The stream's first frame starts a shot."""
+    both rules).  From the stream's start (``known``) the first frame starts a shot.
+    Otherwise (after a seek) ``starts_a_shot`` is None until the rule's state is known:
+    it is "the last frame that was no flash", one of the FLASH_FRAMES + 1 frames before
+    (a flash lasts at most FLASH_FRAMES frames), so a frame within ``threshold`` of each
+    of them is no jump in any history, and from it on every flag is the unsplit run's."""
     before = None  # histogram of the frame before the first pending one
+    synced = known
+    recent: deque[np.ndarray] = deque(maxlen=FLASH_FRAMES + 1)  # the frames decided last, while not synced
     pending: deque[tuple[float, int, Any, np.ndarray]] = deque()
 
-    def decide(lookahead: np.ndarray | None) -> tuple[float, int, Any, bool]:
-        nonlocal before
+    def decide(lookahead: np.ndarray | None) -> tuple[float, int, Any, bool | None]:
+        nonlocal before, synced
         t, index, frame, hist = pending.popleft()
+        if not synced:
+            if len(recent) == recent.maxlen and all(histogram_distance(hist, h) <= threshold for h in recent):
+                synced, before = True, hist
+                return t, index, frame, False
+            recent.append(hist)
+            return t, index, frame, None
         if before is None:
             before = hist
             return t, index, frame, True
@@ -364,33 +420,85 @@ def _cuts(frames: _Decoder, threshold: float) -> Iterator[tuple[float, int, Any,
         yield decide(pending[-1][3] if len(pending) > 1 else None)
 
 
-def _scene(frames: _Decoder, spec: VideoSpec, start: float):
-    """First frame of every shot; in a shot that lasts max_scene_seconds or more, also
-    the first frame at or after each shot_start + k*T (held until the shot is that long)."""
-    interval = spec.frame_interval
-    shot_start: float | None = None  # a span's first frame starts a shot too
-    next_extra = math.inf
-    held: list[tuple[float, int, Any]] = []  # extra frames of the current shot, not yet known to be long
-    for t, index, frame, cut in _cuts(frames, spec.scene_threshold):
-        if t < start:
-            continue  # before a span's start: only the histogram counts
-        if cut or shot_start is None:
-            held = []
-            shot_start, next_extra = t, t + interval
-            yield t, index, frame
+def _scene(frames: _Decoder, spec: VideoSpec, start: float, end: float | None):
+    """First frame of every shot; in a shot with a frame max_scene_seconds or more after
+    its first, also the first frame at or after each k*T (interval sampling's grid) at
+    least T/2 after the shot's first frame (a shot's extras are held until it is that long).
+
+    Spans give the unsplit rows: a decision at t needs the cuts of the max(max_scene_seconds,
+    T/2) seconds before it (an older shot start is long and far enough: no more is needed),
+    so a span decodes from that much plus SCENE_WARMUP_S before its start, and on past its
+    end while a held frame or a cut flag waits; when the cut state is not known by then it
+    starts again from twice the warm-up earlier, at worst from the stream's start."""
+    reach = max(spec.max_scene_seconds, spec.frame_interval / 2)
+    warmup = SCENE_WARMUP_S
+    while True:
+        since = start - reach - warmup if start > 0 else 0.0
+        frames.start_at(since)
+        cuts = _cuts(frames, spec.scene_threshold, known=since <= 0)
+        try:
+            if (yield from _scene_pass(cuts, spec, start, end)):
+                return
+        finally:
+            cuts.close()
+        warmup *= 2
+
+
+def _scene_pass(cuts: Iterator[tuple[float, int, Any, bool | None]], spec: VideoSpec, start: float,
+                end: float | None):  # fmt: skip
+    """One try of :func:`_scene`: True when done, False, before yielding anything, when the
+    span's first frame comes before the state its decisions need."""
+    interval, longest = spec.frame_interval, spec.max_scene_seconds
+    reach = max(longest, interval / 2)
+    shot: float | None = None  # the current shot's first frame; None: earlier than ``known_from``
+    known_from: float | None = None  # time of the first frame with a known cut flag
+    previous: float | None = None  # time of the frame before
+    checked = False  # the span's first frame was found decidable
+    held: list[tuple[float, int, Any]] = []  # extras of the current shot, not yet known to be long
+    for t, index, frame, cut in cuts:
+        past = end is not None and t >= end
+        if cut is not None and known_from is None:
+            known_from = t
+        if t >= start and not checked:
+            if past:
+                return True  # no frame in the span
+            # An unknown shot start is before known_from: far enough back when the frame
+            # before the span's first is at least ``reach`` after it (see _scene).
+            if cut is None or not cut and shot is None and (previous is None or previous - known_from < reach):
+                return False
+            checked = True
+        if cut is None:
+            previous = t
             continue
-        if t >= next_extra - 1e-9:
-            while next_extra <= t + 1e-9:
-                next_extra += interval
-            if t - shot_start >= spec.max_scene_seconds:
-                yield from held
-                held = []
+        if cut:
+            held, shot = [], t  # a cut: the shot before was short
+            if past:
+                return True
+            if t >= start:
                 yield t, index, frame
-            else:
-                held.append((t, index, frame))
-        elif held and t - shot_start >= spec.max_scene_seconds:
+            previous = t
+            continue
+        if held and t - shot >= longest:
             yield from held
             held = []
+        if past:
+            if not held:
+                return True
+            previous = t
+            continue
+        if t >= start and previous is not None and _grid(t, interval) > _grid(previous, interval):
+            if shot is None or _grid(t, interval) * interval >= shot + interval / 2 - 1e-9:
+                if shot is None or t - shot >= longest:
+                    yield t, index, frame
+                else:
+                    held.append((t, index, frame))
+        previous = t
+    return True  # the stream's end: a shot still held was short
+
+
+def _grid(t: float, interval: float) -> int:
+    """The number of the last point k*T at or before ``t`` (to a millionth of T)."""
+    return math.floor(round(t / interval, 6))
 
 
 def video_rows(
