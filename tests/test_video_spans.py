@@ -167,9 +167,10 @@ def test_a_span_of_a_video_without_an_index_starts_with_its_first_target(film, c
         assert span == [r for r in whole if r[0] >= start - 1e-9], (container, mode, start)
 
 
-def test_spans_of_a_cue_less_matroska_file_from_the_listing_give_the_unsplit_rows(tmp_path, film):
-    (tmp_path / "film.mkv").write_bytes(mkv_without_cues(film))
-    shards, whole, parts = split_and_whole(tmp_path / "film.mkv", span_seconds=5.0)
+@pytest.mark.parametrize("name", ["film.mkv", "film.ts"])
+def test_spans_of_an_index_less_file_from_the_listing_give_the_unsplit_rows(tmp_path, film, name):
+    (tmp_path / name).write_bytes(mkv_without_cues(film) if name.endswith(".mkv") else remux(film, "mpegts"))
+    shards, whole, parts = split_and_whole(tmp_path / name, span_seconds=5.0)
     assert [s.start_s for s in shards] == [0.0, 5.0, 10.0, 15.0]
     assert [r[:4] for r in parts] == [r[:4] for r in whole] and len(whole) == 16
     assert [r[4] for r in parts] == [r[4] for r in whole]

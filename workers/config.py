@@ -39,7 +39,8 @@ CPU_BATCH_SIZE = 128
 GPU_BATCH_SIZE = 256
 # GIF/BMP/TIFF too: real collections hold them, and the decoder takes their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
+# .ts/.m2ts/.mts: MPEG transport streams (broadcast and camcorder recordings), which carry no index.
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts")
 # interval: the frames shown at 0, T, 2T, ...; scene: the first frame of every shot
 # (plus every T inside long shots); keyframes: the stream's I-frames, the cheapest.
 FRAME_SAMPLINGS = ("interval", "scene", "keyframes")

@@ -320,7 +320,9 @@ class _Decoder:
                 if jumped:
                     break
             if not jumped:
-                return
+                if self._need is None:
+                    return
+                self._retreat()  # the seek landed past the last frame: not one frame came
 
 
 def _keyframes(frames: _Decoder, spec: VideoSpec, start: float):
