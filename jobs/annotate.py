@@ -30,17 +30,19 @@ import ray.exceptions
 from jobs.progress import Progress
 from jobs.settings import config_from_argv
 from workers.config import AnnotateConfig, ConfigError
-from workers.ledger import LedgerError, OutputConflictError, ShardLedger
+from workers.ledger import INPUT_ROOTS, LedgerError, OutputConflictError, ShardLedger
 from workers.listing import list_shards
 from workers.model_store import ModelUnavailableError, check_model_reachable
 from workers.readers import KEY_COLUMN_CANDIDATES
-from workers.storage import filesystem_for, join
+from workers.storage import filesystem_for, input_root, join
 from workers.usage import UsageMeter, cost_summary, stage_busy_seconds
 
 log = logging.getLogger("blip2_annotate")
 
 SUMMARY_NAME = "_summary.json"  # leading underscore: Parquet readers skip it
 MAX_REPLICA_INIT_DEATHS = 3
+# Reading the usage meter is one small call to an actor on the driver's node; longer means it is gone.
+METER_TIMEOUT_S = 60.0
 
 
 def resolve_gpus_per_replica(cfg: AnnotateConfig, cluster_gpus: float) -> float:
@@ -75,6 +77,8 @@ def summary_line(summary: dict[str, Any]) -> str:
 def _cost_line(cost: dict[str, Any] | None) -> str:
     if not cost:
         return ""
+    if cost.get("unknown_reason"):
+        return f"; cost unknown: {cost['unknown_reason']}"
     unit = cost["device"].upper()
     line = (
         f"; {cost['device_seconds_held']:.1f} {unit}-seconds held, {cost['device_seconds_busy']:.1f} busy, "
@@ -85,6 +89,29 @@ def _cost_line(cost: dict[str, Any] | None) -> str:
     return line
 
 
+def start_meter(name: str) -> Any:
+    """The run's :class:`UsageMeter` actor, on the driver's own node: a lost worker node cannot take it along
+    (a zero-CPU actor may land on any node), and if the driver's node goes, the driver goes with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(UsageMeter).options(name=name, scheduling_strategy=here).remote()
+
+
+def read_meter(meter: Any) -> tuple[dict[str, dict[str, float]] | None, str | None]:
+    """The replicas' usage reports and None, or None and why they cannot be had: never raises a Ray error,
+    so the bookkeeping cannot fail a run whose rows are all written."""
+    try:
+        return ray.get(meter.totals.remote(), timeout=METER_TIMEOUT_S), None
+    except ray.exceptions.RayError as e:  # ActorDiedError, ActorUnavailableError, GetTimeoutError, ...
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = f"usage meter unreadable ({type(e).__name__}: {first_line})"
+        log.warning("cost figures unknown: %s", reason)
+        return None, reason
+    finally:
+        ray.kill(meter)  # no error for an actor that is already gone
+
+
 def code_version() -> str:
     try:
         return importlib.metadata.version("blip2-annotate")
@@ -93,7 +120,7 @@ def code_version() -> str:
 
 
 def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, Any]:
-    """The settings that shape output rows; a resumed run must match them."""
+    """The settings that shape output rows, which a resumed run must match, and where the inputs live."""
     manifest = {
         "model": {"id": cfg.model.model, "revision": model_info.get("revision") or cfg.model.revision,
                   "dtype": cfg.model.dtype},
@@ -108,6 +135,7 @@ def manifest_for(cfg: AnnotateConfig, model_info: dict[str, Any]) -> dict[str, A
         "video": {k: v for k, v in asdict(cfg.video).items() if k != "decode_threads"},
         "output": {"partition_by": cfg.output.partition_by},
         "code_version": code_version(),
+        INPUT_ROOTS: list(dict.fromkeys(input_root(url) for url in cfg.input.urls)),
     }  # fmt: skip
     return json.loads(json.dumps(manifest))  # tuples -> lists, as stored
 
@@ -152,7 +180,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         # even if the hub's branch moves while the job runs.
         pinned = replace(cfg, model=replace(cfg.model, revision=model_info.get("revision") or cfg.model.revision))
         meter_name = f"blip2-usage-{run_id}"
-        meter = ray.remote(num_cpus=0)(UsageMeter).options(name=meter_name).remote()
+        meter = start_meter(meter_name)
         ds = build_dataset(pinned, todo, decode_spec, gpus, cfg.model.cache_dir, run_id, meter_name)
         progress = Progress(todo, sum(m["rows"] for m in plan.done.values()), cfg.output.progress_interval_s)
         for reports in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -160,8 +188,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
             progress.update(reports)
         progress.close()
         run_end = time.time()
-        replicas = ray.get(meter.totals.remote())
-        ray.kill(meter)
+        replicas, cost_unknown = read_meter(meter)
         ledger.finish()
         if ledger.incomplete():
             raise LedgerError(f"shards without all their rows after the run: {ledger.incomplete()[:10]}")
@@ -172,7 +199,8 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     cost = None
     if todo:
         device, units = ("gpu", gpus) if gpus > 0 else ("cpu", cfg.resources.cpus_per_replica)
-        cost = cost_summary(replicas, run_end, device, units, rows_this_run, cfg.resources.gpu_hour_price)
+        cost = cost_summary(replicas, run_end, device, units, rows_this_run, cfg.resources.gpu_hour_price,
+                            cost_unknown)  # fmt: skip
         cost["stage_busy_s"] = stage_busy_seconds(ds)
 
     markers = {**plan.done, **ledger.completed_this_run}

@@ -9,6 +9,7 @@ HTML-escaped; a caption cannot inject markup.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,9 +34,11 @@ def _e(value: Any) -> str:
 
 
 def clock(seconds: float | None) -> str:
-    """``83.5`` -> ``1:23.5``: how a person reads a position in a video."""
+    """``83.5`` -> ``1:23.5``: how a person reads a position in a video; anything else as written (``nan``)."""
     if seconds is None:
         return ""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return str(seconds)  # a crafted frame_time: shown, not computed with
     minutes, rest = divmod(float(seconds), 60.0)
     hours, minutes = divmod(int(minutes), 60)
     return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes}:{rest:04.1f}"
@@ -47,6 +50,14 @@ def _page(title: str, body: str) -> str:
         f"<meta name=viewport content='width=device-width'><style>{_STYLE}</style></head>"
         f"<body>{body}</body></html>"
     )
+
+
+def _lookup(thumbs: Mapping[tuple, Thumbnail], row: Mapping[str, Any]) -> Thumbnail | None:
+    key = (row.get("source"), row.get("key"), row.get("frame_time"))
+    try:
+        return thumbs.get(key)
+    except TypeError:  # an unhashable value from a crafted column: no thumbnail was made for it
+        return None
 
 
 def _thumb(thumb: Thumbnail | None) -> str:
@@ -79,7 +90,7 @@ def card(row: Mapping[str, Any], thumb: Thumbnail | None, extra: str = "") -> st
 
 def hits_page(query: str, mode: str, hits: list[dict[str, Any]], thumbs: Mapping[tuple, Thumbnail]) -> str:
     cards = "".join(
-        card(h, thumbs.get((h["source"], h["key"], h["frame_time"])), f" · score {h['score']:.4f}") for h in hits
+        card(h, _lookup(thumbs, h), f" · score {h['score']:.4f}") for h in hits
     )
     body = (
         f"<h1>{len(hits)} hit(s) for “{_e(query)}”</h1><p class=meta>mode: {_e(mode)}</p>"
@@ -125,7 +136,7 @@ def report_page(
         # The run's scalar figures; its nested config stays in _summary.json.
         fields += [(k, v) for k, v in summary.items() if isinstance(v, str | int | float) and k != "output"]
     table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in fields)
-    cards = "".join(card(r, thumbs.get((r.get("source"), r.get("key"), r.get("frame_time")))) for r in sample)
+    cards = "".join(card(r, _lookup(thumbs, r)) for r in sample)
     body = (
         f"<h1>Run report</h1><table class=summary>{table}</table>"
         f"<h2>Errors by kind</h2>{error_chart(errors)}"

@@ -26,9 +26,9 @@ from jobs.annotate import SUMMARY_NAME
 from jobs.pages import report_page
 from workers import schema
 from workers.config import StorageOptions
-from workers.search_store import SearchError, list_data_files
+from workers.search_store import SearchError, check_row_columns, clean_row, list_data_files, readable_parquet
 from workers.storage import filesystem_for, join
-from workers.thumbnails import job_input_settings, thumbnails
+from workers.thumbnails import ALLOW_SOURCE_HELP, job_inputs, thumbnails
 
 _SAMPLE_COLUMNS = (
     schema.ID,
@@ -74,8 +74,9 @@ def collect(output_url: str, storage: StorageOptions, sample_rows: int, error_ro
     per_file = max(1, math.ceil(sample_rows / len(files)))
     for url in files:
         fs, path = filesystem_for(url, storage)
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb") as f, readable_parquet(url):
             pf = pq.ParquetFile(f)
+            check_row_columns(url, pf.schema_arrow, _SAMPLE_COLUMNS)  # a binary caption: a message, not a traceback
             total += pf.metadata.num_rows
             file_errors = _error_counts(pf)
             errors += file_errors
@@ -84,7 +85,7 @@ def collect(output_url: str, storage: StorageOptions, sample_rows: int, error_ro
             for batch in pf.iter_batches(batch_size=1024, columns=_columns(pf, _SAMPLE_COLUMNS)):
                 if want_ok <= 0 and want_errors <= 0:
                     break
-                for row in batch.to_pylist():
+                for row in map(clean_row, batch.to_pylist()):  # NaN frame times, malformed answers
                     if row.get(schema.STATUS) == schema.STATUS_ERROR:
                         if want_errors > 0:
                             error_sample.append(row)
@@ -110,6 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=24, help="ok rows to show")
     p.add_argument("--error-sample", type=int, default=8, help="error rows to show")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, R2, ...); credentials: standard AWS chain")
+    p.add_argument("--allow-source", action="append", default=[], metavar="PREFIX", help=ALLOW_SOURCE_HELP)
     return p
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SearchError("--sample and --error-sample must be >= 0")
         found = collect(args.output_url, storage, args.sample, args.error_sample)
         wanted = [(r.get(schema.SOURCE), r.get(schema.KEY), r.get(schema.FRAME_TIME)) for r in found["sample"]]
-        thumbs = thumbnails(wanted, job_input_settings(args.output_url, storage), storage)
+        thumbs = thumbnails(wanted, job_inputs(args.output_url, storage, tuple(args.allow_source)), storage)
         page = report_page(
             args.output_url, _summary(args.output_url, storage), found["errors"], found["rows"], found["sample"], thumbs
         )

@@ -19,11 +19,11 @@ from pathlib import Path
 from jobs.pages import hits_page
 from workers.config import StorageOptions
 from workers.embedder import DEFAULT_MODEL, EmbeddingUnavailableError, TextEmbedder
-from workers.search_index import EmbedFiles, IndexSpec, build_index, staleness
-from workers.search_query import MODES, QuerySpec, open_searcher
-from workers.search_store import IndexLocation, SearchError
+from workers.search_index import EmbedFiles, IndexSpec, build_index
+from workers.search_query import MODES, WHERE_SECONDS, QuerySpec, open_searcher
+from workers.search_store import IndexLocation, SearchError, staleness
 from workers.storage import join
-from workers.thumbnails import job_input_settings, thumbnails
+from workers.thumbnails import ALLOW_SOURCE_HELP, job_inputs, thumbnails
 
 # CPUs per embedding actor on a cluster without GPUs: a small model's matrix products use two
 # cores well (Ray sets the actor's thread count to its CPUs); more per actor scale poorly.
@@ -90,8 +90,10 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-k", type=int, default=10)
     q.add_argument("--mode", default="hybrid", choices=MODES)
     q.add_argument("--where", default=None, help='SQL filter over the indexed columns, e.g. "frame_time > 60"')
+    q.add_argument("--where-seconds", type=float, default=WHERE_SECONDS, help="stop a --where filter after this long")
     q.add_argument("--json", action="store_true", help="print the hits as a JSON list, and nothing else")
     q.add_argument("--html", default=None, help="also write the hits, with thumbnails, to this HTML file")
+    q.add_argument("--allow-source", action="append", default=[], metavar="PREFIX", help=ALLOW_SOURCE_HELP)
     return parser
 
 
@@ -122,7 +124,8 @@ def run_index(args: argparse.Namespace) -> int:
 
 def run_query(args: argparse.Namespace) -> int:
     storage = _storage(args)
-    spec = QuerySpec(text=args.text, top_k=args.top_k, mode=args.mode, where=args.where)
+    spec = QuerySpec(text=args.text, top_k=args.top_k, mode=args.mode, where=args.where,
+                     where_seconds=args.where_seconds)  # fmt: skip
     location = IndexLocation(
         args.index or join(args.output_url, "_search"), storage, args.cache_dir or default_cache_dir()
     )
@@ -139,8 +142,8 @@ def run_query(args: argparse.Namespace) -> int:
     finally:
         searcher.close()
     if args.html:
-        manifest = job_input_settings(args.output_url, storage)
-        thumbs = thumbnails([(h["source"], h["key"], h["frame_time"]) for h in hits], manifest, storage)
+        job = job_inputs(args.output_url, storage, tuple(args.allow_source))
+        thumbs = thumbnails([(h["source"], h["key"], h["frame_time"]) for h in hits], job, storage)
         Path(args.html).write_text(hits_page(spec.text, spec.mode, hits, thumbs), encoding="utf-8")
     if args.json:
         print(json.dumps(hits, ensure_ascii=False))

@@ -250,6 +250,26 @@ def test_manifest_mismatch_names_what_differs(tmp_path, s3_bucket, s3_storage):
         ShardLedger(out, s3_storage, "r4").prepare("error", {"model": {"id": "m1"}}, _refs("a"))
 
 
+def test_the_manifest_records_input_roots_and_a_resume_with_other_inputs_keeps_them(tmp_path, monkeypatch):
+    from jobs.annotate import manifest_for
+    from jobs.settings import config_from_argv
+
+    def manifest(*inputs: str) -> dict:
+        cfg = config_from_argv(["--input", *inputs, "--output", str(tmp_path / "o"), "--model", "m"])
+        return manifest_for(cfg, {})
+
+    monkeypatch.chdir(tmp_path)
+    first = manifest("in/", f"file://{tmp_path}/in", "s3a://b/x/*.tar")
+    assert first["input_roots"] == [f"{tmp_path}/in", "s3://b/x"]
+    out = OutputSpec(url=str(tmp_path / "o"))
+    ShardLedger(out, StorageOptions(), "r1").prepare("resume", first, _refs("a"))
+    # More inputs on resume are not a settings change; the earlier rows' roots stay recorded.
+    ShardLedger(out, StorageOptions(), "r2").prepare("resume", manifest("more/"), _refs("a", "b"))
+    stored = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert stored["input_roots"] == [f"{tmp_path}/in", "s3://b/x", f"{tmp_path}/more"]
+    assert manifest_diff(first, {**first, "input_roots": ["/elsewhere"]}) == []
+
+
 def test_manifest_diff_nested():
     assert manifest_diff({"a": {"b": 1, "c": [1]}}, {"a": {"b": 2, "c": [1]}}) == ["a.b: was 1, now 2"]
 

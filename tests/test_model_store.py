@@ -354,11 +354,13 @@ def _replica_actors(job_hex: str) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models, s3_endpoint, s3_bucket, s3_storage,
-                                                        tmp_path, photos):  # fmt: skip
+                                                        tmp_path, photos, monkeypatch):  # fmt: skip
     """Through the real pipeline: two model replicas on this one-node cluster both load, one download of the weights.
 
-    Four input shards, so the pool has blocks to hand a second replica (one block would
-    launch one actor, and "one download" would prove nothing).
+    Both replicas are asked for at the start (``--replicas 2``), but Ray Data starts them
+    without waiting, so a run this small could end before the second had loaded (and
+    "one download" would prove nothing).  Ray Data's ``wait_for_min_actors_s`` makes the
+    pool wait for both before any work starts.
     """
     from faulty_proxy import FaultyProxy
     from helpers import write_tar
@@ -374,6 +376,9 @@ def test_two_replicas_on_one_node_fetch_s3_weights_once(ray_cluster, tiny_models
         write_tar(tmp_path / "in" / f"{s}.tar", members)
     job_hex = ray_cluster.get_runtime_context().get_job_id()
     before = set(_replica_actors(job_hex))
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     with FaultyProxy(s3_endpoint, every=0) as counter:
         code = main(
             ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--endpoint-url", counter.url,

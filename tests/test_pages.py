@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +62,11 @@ def test_report_page_of_a_real_run(annotated_output, chromium, tmp_path, capsys)
     assert bars == [["truncated_image", "1", 360]]
     broken = page.locator(".card[data-id$='::broken'] .placeholder")
     assert "does not decode" in broken.inner_text()
-    assert "annotated 10 images" in page.inner_text("table.summary") or "ok" in page.inner_text("table.summary")
+    table = page.evaluate("Object.fromEntries([...document.querySelectorAll('table.summary tr')]"
+                          ".map(r => [r.cells[0].textContent, r.cells[1].textContent]))")  # fmt: skip
+    assert table["output"] == str(annotated_output)
+    assert {k: table.get(k) for k in ("rows", "error rows", "inputs", "ok", "errors", "shards")} == {
+        "rows": "10", "error rows": "1", "inputs": "10", "ok": "9", "errors": "1", "shards": "3"}  # fmt: skip
     _screenshot(page, tmp_path / "report.png")
     page.close()
 
@@ -82,9 +87,11 @@ def test_hits_page_shows_the_hits_with_their_frames(annotated_output, chromium, 
     assert [i["id"] for i in images] == [h["id"] for h in hits] and len(hits) == 6
     assert all(i["done"] and i["w"] > 0 for i in images), images
     assert _captions(page) == [h["caption"] for h in hits]
-    video_meta = page.locator(f".card[data-id='{hits[0]['id']}'] .meta").inner_text()
-    if hits[0]["frame_time"] is not None:
-        assert f"at 0:{hits[0]['frame_time']:04.1f}" in video_meta
+    assert frames[1]["id"] in [h["id"] for h in hits]  # the query is its caption
+    for h in hits:  # a frame's card says where in the video it is; a photo's says nothing of the kind
+        meta = page.locator(f".card[data-id='{h['id']}'] .meta").inner_text()
+        at = re.search(r" at (\d+:\d\d\.\d) · score", meta)
+        assert (at and at.group(1)) == (f"0:{h['frame_time']:04.1f}" if h["frame_time"] is not None else None), meta
     _screenshot(page, tmp_path / "hits.png")
     page.close()
 
@@ -97,11 +104,12 @@ def test_a_video_thumbnail_is_the_frame_at_frame_time(photos, tmp_path):
     from videofactory import encode, shots
 
     from workers.config import StorageOptions
-    from workers.thumbnails import thumbnails
+    from workers.thumbnails import JobInputs, thumbnails
 
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(encode(shots([photos["rocket"], photos["chelsea"]], [2.0, 2.0], fps=10, size=(96, 64)), "h264"))
-    got = thumbnails([(str(clip), "clip.mp4", 0.5), (str(clip), "clip.mp4", 3.0)], None, StorageOptions())
+    job = JobInputs(None, (str(tmp_path),))
+    got = thumbnails([(str(clip), "clip.mp4", 0.5), (str(clip), "clip.mp4", 3.0)], job, StorageOptions())
     for t, name, other in ((0.5, "rocket", "chelsea"), (3.0, "chelsea", "rocket")):
         thumb = _decode_data_uri(got[(str(clip), "clip.mp4", t)].data_uri)
         size = (thumb.shape[1] * 2, thumb.shape[0])  # the clip pans across a photo twice its width
@@ -130,7 +138,8 @@ def test_images_that_are_gone_become_placeholders_with_a_reason(photos, chromium
     pq.write_table(pa.Table.from_pylist([{"id": i, "source": s, "key": k, "caption": c, "status": "ok"}
                                          for i, s, k, c in rows]), out / "part-0.parquet")  # fmt: skip
     html = tmp_path / "report.html"
-    assert report.main([str(out), "--html", str(html)]) == 0
+    # A dataset no job of ours wrote (no manifest): its images live beside it, so they are allowed by name.
+    assert report.main([str(out), "--html", str(html), "--allow-source", str(tmp_path / "in")]) == 0
     assert "(3 without a thumbnail)" in capsys.readouterr().out
     page = _open(chromium, html)
     assert {i["id"] for i in _images(page) if i["w"] > 0} == {f"{present}::here.jpg", f"{tar}::kept"}

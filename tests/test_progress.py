@@ -40,6 +40,34 @@ def test_totals_are_exact_for_listed_images_and_estimated_for_tars_until_read(ca
     assert "(estimated)" in lines[1] and "(estimated)" not in lines[2]
 
 
+def test_a_file_reported_again_replaces_its_first_report_so_done_never_passes_the_total():
+    """A retried write reports the same file again: it counts once, as in the ledger, errors included."""
+    progress = Progress([_shard("a"), _shard("b")], done_rows=0, interval_s=3600, tty=False)
+    seen = []
+    first = {"shard": "a", "file": "a/part-1", "rows": 3, "ok": 2, "errors": json.dumps({"decode_failed": 1})}
+    for reports in (
+        _reports(first, {"shard": "a", "shard_rows": 5}),
+        _reports(first),  # the retry's report of the same file
+        _reports({"shard": "a", "file": "a/part-2", "rows": 2, "ok": 2}, {"shard": "b", "shard_rows": 4}),
+        _reports({"shard": "b", "file": "b/part-1", "rows": 4, "ok": 4}),
+        _reports({"shard": "a", "file": "a/part-2", "rows": 2, "ok": 2}, first),  # late repeats, shard a complete
+    ):
+        progress.update(reports)
+        seen.append((progress.done(), progress.total()))
+    assert seen == [(3, 10), (3, 10), (5, 9), (9, 9), (9, 9)], seen
+    assert dict(progress.errors) == {"decode_failed": 1}
+
+
+def test_a_shard_that_outgrows_the_estimate_raises_the_total_with_it():
+    """Until its end report, a shard counts at least the rows it wrote: a folder of videos has more rows than files."""
+    progress = Progress([_shard("videos", 2), _shard("t")], done_rows=0, interval_s=3600, tty=False)
+    assert progress.total() == 4  # 2 listed files, the tar estimated at that
+    progress.update(_reports({"shard": "videos", "file": "v/1", "rows": 7, "ok": 7}))
+    assert (progress.done(), progress.total()) == (7, 7 + 2)  # the tar still at the estimate
+    progress.update(_reports({"shard": "t", "file": "t/1", "rows": 9, "ok": 9}))
+    assert (progress.done(), progress.total()) == (16, 16)
+
+
 def test_a_runs_log_shows_images_done_rising_to_the_input_count(ray_cluster, tmp_path, tiny_models, photos, capsys):
     shards = photo_shards(photos, n_shards=3, per_shard=4)
     src = tmp_path / "in"

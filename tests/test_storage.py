@@ -21,7 +21,9 @@ from workers.config import ConfigError, InputSpec, OutputSpec, StorageOptions
 from workers.storage import (
     UnsafeURLError,
     filesystem_for,
+    input_root,
     is_local,
+    is_under,
     join,
     protocol_of,
     refuse_command_url,
@@ -47,6 +49,34 @@ def test_local_and_relative_paths():
     assert relative_path("s3://b/in/a/x.jpg", "s3://b/in/") == "a/x.jpg"
     assert relative_path("/other/x.jpg", "/data") == "x.jpg"  # named explicitly, outside the root
     assert relative_path("/data-2/x.jpg", "/data") == "x.jpg"  # a sibling that shares the prefix is outside
+
+
+@pytest.mark.parametrize(("url", "inside"), [
+    ("/data/in/a.jpg", True), ("/data/in", True), ("file:///data/in/sub/a.tar", True), ("local:///data/in/a", True),
+    ("/data//in/./a.jpg", True), ("/data/in-other/a.jpg", False), ("/data/i", False), ("/data/in/../etc/passwd", False),
+    ("/data/in/sub/../../x", False), ("/data/in/a.jpg::http://x/", False), ("/data", False), ("/etc/passwd", False),
+    ("s3://b/in/a.jpg", True), ("s3a://b/in/a.jpg", True), ("s3://b/in-other/a.jpg", False), ("s3://B/in/a.jpg", False),
+    ("s3://b2/in/a.jpg", False), ("s3://b/In/a.jpg", False), ("s3://b/in/%2e%2e/x.jpg", False),
+    ("gs://b/in/a.jpg", False), ("http://127.0.0.1:9/data/in/a.jpg", False), ("data:image/jpeg;base64,AA", False),
+])  # fmt: skip
+def test_is_under_compares_whole_segments(url, inside):
+    assert is_under(url, ["/data/in", "s3://b/in/"]) is inside
+
+
+def test_is_under_resolves_local_spellings_like_fsspec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_under("in/a.jpg", [str(tmp_path / "in")]) and is_under(str(tmp_path / "in" / "a.jpg"), ["file://in"])
+    assert is_under(f"{tmp_path}/x/../in/a.jpg", [f"{tmp_path}/x/../in"])  # the job's own spelling
+    assert not is_under("in/a.jpg", []) and not is_under("http://h/in/a.jpg", ["/"]) and is_under("/etc/x", ["/"])
+
+
+def test_input_roots_are_spelled_as_the_listing_spells_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert input_root("in/") == input_root(f"file://{tmp_path}/in") == f"{tmp_path}/in"
+    assert input_root("s3a://b/in/") == "s3://b/in" and input_root("s3://b/x/**/*.tar") == "s3://b/x"
+    assert input_root("/data/shards-*.tar") == "/data" and input_root("/data/in/one.tar") == "/data/in/one.tar"
+    assert input_root("simplecache::s3://b/in") == "simplecache::s3://b/in"  # chained: holds nothing
+    assert not is_under("s3://b/in/a.tar", [input_root("simplecache::s3://b/in")])
 
 
 def test_protocols_and_join():

@@ -53,6 +53,9 @@ from workers.writer import PARTITION_COLUMN, compact_shard, put_atomic, shard_of
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
+# Where the job's inputs live (workers.storage.input_root of each URL): what pages may read
+# thumbnails from.  Not a setting: a resume may add inputs, and keeps the earlier roots.
+INPUT_ROOTS = "input_roots"
 MARKERS_DIR = "_markers"
 # Completing a shard is a few storage round trips (compaction, stray check,
 # marker) that must not hold up the driver's stream of reports: a 1,000-GPU
@@ -81,14 +84,14 @@ LEGACY_VALUES: dict[str, Any] = {"decode.mode": "exact", "input.key_column_auto"
 def manifest_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable differences between two manifests.
 
-    ``code_version`` is informational.  A setting the old manifest does not
+    ``code_version`` and ``input_roots`` are informational.  A setting the old manifest does not
     know (added by a newer version of this code) is compared against its
     :data:`LEGACY_VALUES` entry when it has one, and ignored otherwise.
     """
     diffs = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        if key == "code_version" and not prefix:
+        if key in ("code_version", INPUT_ROOTS) and not prefix:
             continue
         if key not in old and path not in LEGACY_VALUES:
             continue
@@ -181,6 +184,9 @@ class ShardLedger:
             if old.get("code_version") != manifest.get("code_version"):
                 log.warning("resuming output written by code version %s with %s",
                             old.get("code_version"), manifest.get("code_version"))  # fmt: skip
+            if isinstance(old.get(INPUT_ROOTS), list) and INPUT_ROOTS in manifest:
+                # The earlier runs' rows stay in the output, and so does the right to show them.
+                manifest = {**manifest, INPUT_ROOTS: list(dict.fromkeys(old[INPUT_ROOTS] + manifest[INPUT_ROOTS]))}
         _write_json_atomic(self.fs, join(self.root, MANIFEST_NAME), manifest, self.local)
         return self._reconcile(self._read_markers(), list(shards))
 

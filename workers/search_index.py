@@ -40,14 +40,18 @@ from workers.search_store import (
     INDEX_DIR,
     IndexLocation,
     SearchError,
+    check_row_columns,
+    clean_answers,
+    finite_or_none,
     list_data_files,
     open_db,
     read_meta,
+    readable_parquet,
     save_vectors,
     vectors_name,
 )
 from workers.storage import filesystem_for, join, unstrip
-from workers.text_index import TextIndex, TextIndexError, file_number
+from workers.text_index import TextIndex, TextIndexError, file_number, text_of
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,9 @@ FORMAT_VERSION = "2"
 DEFAULT_TEXT_COLUMNS = (schema.CAPTION, schema.ANSWERS)
 # Columns every hit carries, when the dataset has them.
 HIT_COLUMNS = (schema.ID, schema.SOURCE, schema.KEY, schema.FRAME_TIME, schema.CAPTION, schema.ANSWERS)
-_SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+# uint64 is left out: SQLite's integers stop at 2**63 - 1.
+_SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_floating, pa.types.is_boolean,
+           lambda t: pa.types.is_integer(t) and t != pa.uint64())  # fmt: skip
 _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Below this many rows to embed, the driver embeds them itself: a Ray job's start and its
 # model loads (seconds) would cost more than they save (embedding rows/s: BENCHMARKS.md "Search").
@@ -102,23 +108,12 @@ class IndexSpec:
         return self.index_url or join(self.output_url, INDEX_DIR)
 
 
-def text_of(value: Any) -> str:
-    """The searchable text of one cell: strings as is, answers as ``question answer`` pairs, lists joined."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return " ".join(text_of(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return " ".join(t for t in (text_of(v) for v in value) if t)
-    return str(value)
-
-
 def check_columns(url: str, arrow_schema: pa.Schema, text_columns: tuple[str, ...]) -> None:
-    """:class:`SearchError` unless the file has an ``id`` and at least one of the text columns."""
+    """:class:`SearchError` unless the file has an ``id``, at least one of the text columns, and
+    hit columns of types a hit can show (``check_row_columns``)."""
     if schema.ID not in arrow_schema.names:
         raise SearchError(f"{url} has no {schema.ID!r} column; every indexed dataset needs one")
+    check_row_columns(url, arrow_schema, HIT_COLUMNS)
     if not set(text_columns) & set(arrow_schema.names):
         raise SearchError(
             f"{url} has none of the text columns {list(text_columns)}; "
@@ -127,7 +122,7 @@ def check_columns(url: str, arrow_schema: pa.Schema, text_columns: tuple[str, ..
 
 
 def _read_batches(fs, path: str, text_columns: tuple[str, ...]) -> Iterator[tuple[pa.Schema, dict[str, list]]]:
-    with fs.open(path, "rb") as f:
+    with fs.open(path, "rb") as f, readable_parquet(unstrip(fs, path)):
         pf = pq.ParquetFile(f)
         arrow_schema = pf.schema_arrow
         check_columns(unstrip(fs, path), arrow_schema, text_columns)
@@ -136,11 +131,14 @@ def _read_batches(fs, path: str, text_columns: tuple[str, ...]) -> Iterator[tupl
 
 
 def _scalar_columns(arrow_schema: pa.Schema, text_columns: tuple[str, ...]) -> list[str]:
-    return [
-        f.name
-        for f in arrow_schema
-        if any(test(f.type) for test in _SCALAR) and f.name not in text_columns and _COLUMN_NAME.fullmatch(f.name)
-    ]
+    # SQLite's column names ignore case: "Width" after "width" (or "ROWID") would be a duplicate column.
+    taken = {c.lower() for c in text_columns} | {"rowid"}
+    out = []
+    for f in arrow_schema:
+        if any(test(f.type) for test in _SCALAR) and f.name.lower() not in taken and _COLUMN_NAME.fullmatch(f.name):
+            out.append(f.name)
+            taken.add(f.name.lower())
+    return out
 
 
 def _batch_texts(data: dict[str, list], text_columns: tuple[str, ...]) -> tuple[list[list[str]], list[int]]:
@@ -197,9 +195,9 @@ def _check_compatible(meta: dict[str, Any], spec: IndexSpec, where: str) -> None
 
 
 def _add_columns(conn: sqlite3.Connection, names: list[str]) -> None:
-    have = {row[1] for row in conn.execute("PRAGMA table_info(docs)")}
+    have = {row[1].lower() for row in conn.execute("PRAGMA table_info(docs)")}  # SQLite ignores case
     for name in names:
-        if name not in have:
+        if name.lower() not in have:
             conn.execute(f'ALTER TABLE docs ADD COLUMN "{name}"')
 
 
@@ -220,12 +218,10 @@ def _index_file_text(conn: sqlite3.Connection, text: TextIndex, fs, url: str, fi
         cols = [data.get(c, [None] * n) for c in names]
         if schema.CAPTION not in data:  # another dataset's text: its first text column shows as the caption
             cols[names.index(schema.CAPTION)] = texts[0]
-        answers = names.index(schema.ANSWERS)
-        rows = []
-        for j, i in enumerate(keep):
-            values = [col[i] for col in cols]
-            values[answers] = json.dumps(values[answers]) if values[answers] is not None else None
-            rows.append((rowid + j, *values))
+        frame_time, answers = names.index(schema.FRAME_TIME), names.index(schema.ANSWERS)
+        cols[frame_time] = [finite_or_none(v) for v in cols[frame_time]]  # NaN and inf: no time
+        cols[answers] = [None if v is None else json.dumps(clean_answers(v)) for v in cols[answers]]
+        rows = [(rowid + j, *(col[i] for col in cols)) for j, i in enumerate(keep)]
         quoted = ", ".join(f'"{c}"' for c in names)
         conn.executemany(f"INSERT INTO docs (rowid, {quoted}) VALUES ({', '.join('?' * (len(names) + 1))})", rows)
         text.add(file_no, ((rowid + j, [t[i] for t in texts]) for j, i in enumerate(keep)))
@@ -299,7 +295,7 @@ def build_index(spec: IndexSpec, embed_with_ray: RayEmbedder | None = None) -> I
     files = list_data_files(spec.output_url, spec.storage)
     # A dataset that cannot be indexed with these settings leaves no index behind to conflict with the next try.
     first_fs, first_path = filesystem_for(min(files), spec.storage)
-    with first_fs.open(first_path, "rb") as f:
+    with first_fs.open(first_path, "rb") as f, readable_parquet(min(files)):
         check_columns(min(files), pq.read_schema(f), spec.text_columns)
     if spec.overwrite:
         location.db.unlink(missing_ok=True)
@@ -411,16 +407,3 @@ def open_text_index(location: IndexLocation, fields: int, create: bool = False) 
     except TextIndexError as exc:
         raise SearchError(f"the search index at {location.url} is corrupt ({exc}); "
                           "rebuild it with: python -m jobs.search index URL --overwrite") from exc  # fmt: skip
-
-
-def staleness(conn: sqlite3.Connection, output_url: str, storage: StorageOptions) -> str | None:
-    """Why the index no longer matches the dataset (files added, removed, changed, vectors missing), or None."""
-    files = list_data_files(output_url, storage)
-    indexed = dict(conn.execute("SELECT path, fingerprint FROM files"))
-    added = sum(1 for u in files if u not in indexed)
-    removed = sum(1 for u in indexed if u not in files)
-    changed = sum(1 for u in indexed if u in files and files[u] != indexed[u])
-    parts = [f"{n} file(s) {what}" for n, what in ((added, "added"), (removed, "removed"), (changed, "changed")) if n]
-    if not parts:
-        return None
-    return f"the index is older than the output ({', '.join(parts)} since it was built)"

@@ -11,25 +11,32 @@
   ``sum 1/(60 + rank)``, Cormack et al. 2009), with exact-phrase rows first,
   as in ``text``: someone who types a caption's exact words wants that caption.
 
-``where`` is an SQL expression over the ``docs`` table's columns (SQLite), run
-on a read-only connection that cannot attach other files; both lists are
-restricted to the rows it keeps.
+``where`` is an SQL expression over the ``docs`` table's columns (SQLite); both
+lists are restricted to the rows it keeps.  It runs on a read-only connection of
+its own whose authorizer lets it read ``docs`` and call the functions in
+``WHERE_FUNCTIONS``, nothing else (no other table, no recursive ``WITH``, no
+``randomblob``), whose values are at most ``_WHERE_MAX_BYTES``, and whose progress
+handler stops it after ``where_seconds`` (default ``WHERE_SECONDS``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from workers import schema
 from workers.search_index import HIT_COLUMNS, open_text_index
-from workers.search_store import IndexLocation, SearchError, read_meta
+from workers.search_store import IndexLocation, SearchError, clean_row, read_meta
 from workers.text_index import all_words, any_word, phrase, query_words
 
 MODES = ("hybrid", "text", "semantic")
@@ -39,6 +46,20 @@ RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very first
 # Candidates taken from each list before fusion: a row ranked below this in
 # both lists cannot reach a top-k of at most MAX_TOP_K.
 _CANDIDATES = 100
+# A filter runs at most this long by default: a typo must not hang a query (seconds, wall clock).
+WHERE_SECONDS = 5.0
+MAX_WHERE_SECONDS = 3600.0
+# What a filter may call: comparisons and text, numbers, aggregates over docs, and JSON (answers is JSON).
+# Left out on purpose: randomblob, zeroblob, replace, printf, group_concat (they build large values), and
+# load_extension, sqlite_* and the like (they reach outside the rows).
+WHERE_FUNCTIONS = frozenset(
+    "like glob lower upper length substr substring instr trim ltrim rtrim coalesce ifnull nullif iif typeof "
+    "abs round min max count sum total avg json_extract json_array_length json_type json_valid -> ->>".split()
+)
+# No value a filter builds may exceed this (SQLite's own limit is 1 GB): with a time limit alone,
+# a chain of WITH clauses each doubling a string could still take gigabytes in a few instructions.
+_WHERE_MAX_BYTES = 16_000_000
+_TICK_INSTRUCTIONS = 10_000  # how often (in SQLite VM instructions) the progress handler looks at the clock
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class QuerySpec:
     top_k: int = 10
     mode: str = "hybrid"
     where: str | None = None
+    where_seconds: float = WHERE_SECONDS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +85,8 @@ class QuerySpec:
             raise SearchError("query: it has no words to search for")
         if len(words) > MAX_QUERY_WORDS:
             raise SearchError(f"query: {len(words)} words; at most {MAX_QUERY_WORDS}")
+        if not 0 < self.where_seconds <= MAX_WHERE_SECONDS:
+            raise SearchError(f"where_seconds: must be in (0, {MAX_WHERE_SECONDS:g}], got {self.where_seconds}")
 
 
 @dataclass
@@ -79,10 +103,73 @@ class Hit:
         return asdict(self)
 
 
-def _no_other_files(action: int, *_args: Any) -> int:
-    # The connection is read-only, so a filter cannot write; this keeps it from
-    # reaching any database file but the index (SQLite's own statements need the rest).
-    return sqlite3.SQLITE_DENY if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH) else sqlite3.SQLITE_OK
+def _read_only_uri(path: Path) -> str:
+    # Escaped: a "#", "?" or "%" in the path would otherwise end it or start a parameter.
+    return f"file:{quote(str(path))}?mode=ro"
+
+
+class _Filter:
+    """The ``--where`` connection: read-only, reads of ``docs`` only, bounded in size and time."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.columns = columns
+        self.conn = sqlite3.connect(_read_only_uri(path), uri=True)
+        self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _WHERE_MAX_BYTES)
+        self.conn.set_authorizer(self._authorize)
+        self.conn.set_progress_handler(self._past_deadline, _TICK_INSTRUCTIONS)
+        self.refused: str | None = None
+        self.deadline = math.inf
+        self.stopped = False
+
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, db: str | None, _inner: str | None) -> int:
+        if action == sqlite3.SQLITE_SELECT:
+            return sqlite3.SQLITE_OK
+        # A table read for no column (count(*)) comes with no database name.
+        if action == sqlite3.SQLITE_READ and (arg1 or "").lower() == "docs" and db in ("main", None):
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in WHERE_FUNCTIONS:
+            return sqlite3.SQLITE_OK
+        if self.refused is None:
+            self.refused = (
+                f"it reads {arg1}" if action == sqlite3.SQLITE_READ
+                else f"it calls {arg2}()" if action == sqlite3.SQLITE_FUNCTION
+                else "it has a recursive WITH" if action == sqlite3.SQLITE_RECURSIVE
+                # json_each(), pragma_*(): SQLite first asks to set up the function's table in the schema.
+                else "it calls a table-valued function" if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master"
+                else f"it does more than read (SQLite action {action})"
+            )  # fmt: skip
+        return sqlite3.SQLITE_DENY
+
+    def _past_deadline(self) -> int:
+        self.stopped = time.monotonic() > self.deadline
+        return int(self.stopped)  # non-zero: SQLite abandons the statement ("interrupted")
+
+    def rows(self, where: str, seconds: float) -> set[int]:
+        """The rowids ``where`` keeps; :class:`SearchError` when it is not valid SQL, reaches past
+        ``docs`` or the allowed functions, or runs longer than ``seconds``."""
+        self.refused, self.stopped = None, False
+        self.deadline = time.monotonic() + seconds
+        try:
+            return {r for (r,) in self.conn.execute(f"SELECT rowid FROM docs WHERE ({where})")}
+        except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
+            if self.stopped:
+                raise SearchError(
+                    f"--where ran for more than {seconds:g} s and was stopped; simplify it, "
+                    "or allow it longer with --where-seconds"
+                ) from exc
+            if self.refused:
+                raise SearchError(
+                    f"--where may only read the indexed rows' columns ({', '.join(self.columns)}) and call "
+                    f"{', '.join(sorted(WHERE_FUNCTIONS))}; {self.refused}"
+                ) from exc
+            raise SearchError(
+                f"--where is not a valid SQL filter here: {exc}. Columns: {', '.join(self.columns)}"
+            ) from exc
+        finally:
+            self.deadline = math.inf
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class Searcher:
@@ -97,7 +184,7 @@ class Searcher:
             raise SearchError(f"no search index at {location.url}; build one with: python -m jobs.search index URL")
         location.pull()
         try:
-            self.conn = sqlite3.connect(f"file:{location.db}?mode=ro", uri=True)
+            self.conn = sqlite3.connect(_read_only_uri(location.db), uri=True)
             self.meta = read_meta(self.conn)
             self.conn.execute("SELECT count(*) FROM docs").fetchone()
         except sqlite3.DatabaseError as exc:
@@ -106,13 +193,15 @@ class Searcher:
                 "rebuild it with: python -m jobs.search index URL --overwrite"
             ) from exc
         self.columns = [row[1] for row in self.conn.execute("PRAGMA table_info(docs)")]
-        self.conn.set_authorizer(_no_other_files)
+        self._filter: _Filter | None = None  # opened by the first --where
         self.text = open_text_index(location, len(self.meta.get("text_columns") or [1]))
         self._embed = embed
         self._vectors: list[tuple[int, np.ndarray]] | None = None
 
     def close(self) -> None:
         self.conn.close()
+        if self._filter is not None:
+            self._filter.close()
 
     @property
     def embedding_model(self) -> str | None:
@@ -120,16 +209,13 @@ class Searcher:
 
     # ------------------------------------------------------------------ filters
 
-    def _allowed(self, where: str | None) -> set[int] | None:
-        """The rows ``where`` keeps (None: all); :class:`SearchError` if it is not valid SQL here."""
+    def _allowed(self, where: str | None, seconds: float = WHERE_SECONDS) -> set[int] | None:
+        """The rows ``where`` keeps (None: all); :class:`SearchError` from :meth:`_Filter.rows`."""
         if not where:
             return None
-        try:
-            return {r for (r,) in self.conn.execute(f"SELECT rowid FROM docs WHERE ({where})")}
-        except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
-            raise SearchError(
-                f"--where is not a valid SQL filter here: {exc}. Columns: {', '.join(self.columns)}"
-            ) from exc
+        if self._filter is None:
+            self._filter = _Filter(self.location.db, self.columns)
+        return self._filter.rows(where, seconds)
 
     # ------------------------------------------------------------------ the two lists
 
@@ -189,7 +275,7 @@ class Searcher:
     def search(self, spec: QuerySpec) -> list[Hit]:
         """The top ``spec.top_k`` hits; :class:`SearchError` for a bad filter or missing embeddings."""
         words = query_words(spec.text)
-        allowed = self._allowed(spec.where)
+        allowed = self._allowed(spec.where, spec.where_seconds)
         limit = max(spec.top_k, _CANDIDATES)
         if spec.mode == "text":
             ranked, _ = self._text_ranks(words, allowed, spec.top_k)
@@ -223,7 +309,12 @@ class Searcher:
             if rowid not in rows:  # left in the text index by a crashed build; its file is not indexed
                 continue
             doc = dict(zip(HIT_COLUMNS, rows[rowid], strict=True))
-            answers = json.loads(doc[schema.ANSWERS]) if doc[schema.ANSWERS] else []
+            try:
+                doc[schema.ANSWERS] = json.loads(doc[schema.ANSWERS]) if isinstance(doc[schema.ANSWERS], str) else None
+            except (ValueError, RecursionError):  # not JSON, or nested past reason: an index someone else wrote
+                doc[schema.ANSWERS] = None
+            doc = clean_row(doc)
+            answers = doc[schema.ANSWERS] or []
             matching = [
                 a for a in answers if words & {w.lower() for w in query_words(f"{a.get('question')} {a.get('answer')}")}
             ]

@@ -10,15 +10,20 @@ straight to the index URL.  ``workers/search_index.py`` fills it,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import math
 import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from workers import schema
 from workers.config import StorageOptions
 from workers.storage import filesystem_for, is_local, join, unstrip
 from workers.writer import put_atomic
@@ -176,6 +181,130 @@ def list_data_files(output_url: str, storage: StorageOptions) -> dict[str, str]:
     if not files:
         raise SearchError(f"no Parquet files under {output_url}: nothing to index (is this a job's output URL?)")
     return files
+
+
+def staleness(conn: sqlite3.Connection, output_url: str, storage: StorageOptions) -> str | None:
+    """Why the index no longer matches the dataset (files added, removed, changed, vectors missing), or None."""
+    files = list_data_files(output_url, storage)
+    indexed = dict(conn.execute("SELECT path, fingerprint FROM files"))
+    added = sum(1 for u in files if u not in indexed)
+    removed = sum(1 for u in indexed if u not in files)
+    changed = sum(1 for u in indexed if u in files and files[u] != indexed[u])
+    parts = [f"{n} file(s) {what}" for n, what in ((added, "added"), (removed, "removed"), (changed, "changed")) if n]
+    if not parts:
+        return None
+    return f"the index is older than the output ({', '.join(parts)} since it was built)"
+
+
+# ------------------------------------------------------------------ the rows' columns
+
+
+@contextlib.contextmanager
+def readable_parquet(url: str) -> Iterator[None]:
+    """Raises :class:`SearchError` naming ``url`` for pyarrow's errors about what the file holds
+    (not Parquet, a corrupt page, a type it cannot read); storage errors pass through."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise SearchError(f"{url} is not a readable Parquet file ({exc}); move it out of the dataset") from exc
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return _is_text(t) or pa.types.is_integer(t) and t != pa.uint64()  # SQLite's integers stop at 2**63 - 1
+
+
+def _is_answers(t: pa.DataType) -> bool:
+    if pa.types.is_null(t):
+        return True
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    if pa.types.is_null(t.value_type):  # lists that are all empty
+        return True
+    if not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return all(name in fields and _is_text(fields[name]) for name in ("question", "answer"))
+
+
+# What a hit or a page makes of each column it shows (workers/schema.py's output types, and
+# their near relatives); a file holding one of them with another type is refused, by name.
+_COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
+    schema.ID: ("a string or an integer (not uint64)", _is_id),
+    schema.SOURCE: ("a string", _is_text),
+    schema.KEY: ("a string", _is_text),
+    schema.FRAME_TIME: ("a number", _is_number),
+    schema.CAPTION: ("a string", _is_text),
+    schema.ANSWERS: ("a list of structs with string fields question and answer", _is_answers),
+    schema.STATUS: ("a string", _is_text),
+    schema.ERROR_KIND: ("a string", _is_text),
+    schema.ERROR: ("a string", _is_text),
+}
+
+
+def check_row_columns(url: str, arrow_schema: pa.Schema, names: Iterable[str]) -> None:
+    """:class:`SearchError` naming the column when one of ``names`` that the file has cannot be shown.
+
+    That is: a type other than the job's output gives it (a binary caption, text
+    frame times, answers that are not question/answer structs), or a name the
+    file holds twice.  Missing columns are fine: their values are None.
+    """
+    for name in names:
+        found = [f for f in arrow_schema if f.name == name]
+        if len(found) > 1:
+            raise SearchError(f"{url}: column {name!r} appears {len(found)} times")
+        if found and name in _COLUMN_TYPES and not _COLUMN_TYPES[name][1](found[0].type):
+            raise SearchError(f"{url}: column {name!r} is {found[0].type}, not {_COLUMN_TYPES[name][0]}")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A number as a float; None for NaN, infinities and anything that is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def clean_answers(value: Any) -> list[dict[str, str | None]]:
+    """``[{question, answer}]`` of the entries that are mappings; [] for anything that is not a list."""
+    if not isinstance(value, list):
+        return []
+    return [
+        {"question": _text_or_none(a.get("question")), "answer": _text_or_none(a.get("answer"))}
+        for a in value
+        if isinstance(a, dict)
+    ]
+
+
+def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with the values a page or a hit shows made safe to show.
+
+    Frame times that are not finite numbers become None, answers keep their
+    question/answer entries, and text that is not text (from an index someone
+    else wrote) becomes None.  Other columns are left as they are.
+    """
+    out = dict(row)
+    for name in (schema.SOURCE, schema.KEY, schema.CAPTION, schema.STATUS, schema.ERROR_KIND, schema.ERROR):
+        if name in out:
+            out[name] = _text_or_none(out[name])
+    if schema.ID in out and not isinstance(out[schema.ID], str | int):
+        out[schema.ID] = None
+    if schema.FRAME_TIME in out:
+        out[schema.FRAME_TIME] = finite_or_none(out[schema.FRAME_TIME])
+    if schema.ANSWERS in out:
+        out[schema.ANSWERS] = clean_answers(out[schema.ANSWERS]) if out[schema.ANSWERS] is not None else None
+    return out
 
 
 # ------------------------------------------------------------------ the SQLite file

@@ -10,10 +10,13 @@ to its input root.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 if TYPE_CHECKING:  # config imports this module for refuse_command_url
     from workers.config import StorageOptions
@@ -21,6 +24,7 @@ if TYPE_CHECKING:  # config imports this module for refuse_command_url
 # URL schemes that run commands (WebDataset's "pipe:") or are otherwise not
 # plain storage: refused before anything is read or written.
 COMMAND_SCHEMES = ("pipe:", "exec:", "shell:")
+_GLOB_CHARS = ("*", "?", "[")
 
 
 class UnsafeURLError(ValueError):
@@ -79,3 +83,57 @@ def relative_path(path: str, root: str) -> str:
     """
     prefix = root.rstrip("/") + "/"
     return path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)
+
+
+def _components(url: str) -> tuple[str, ...] | None:
+    """``url`` as ``(protocol, segment, ...)``, or None for a chained URL (``a::b``), which is never compared.
+
+    Local paths, ``file://`` and ``local://`` become the absolute path fsspec opens (relative
+    paths and ``~`` resolved as fsspec resolves them), so every spelling agrees; other URLs keep
+    their bucket or host and key as written (``s3a`` is ``s3``).  Empty and ``.`` segments drop out.
+    """
+    if "::" in url:
+        return None
+    protocol, path = split_protocol(url)
+    protocol = (protocol or "file").lower()
+    if protocol in ("file", "local"):
+        protocol, path = "file", LocalFileSystem._strip_protocol(url)
+    elif protocol == "s3a":
+        protocol = "s3"
+    return (protocol, *(part for part in path.split("/") if part not in ("", ".")))
+
+
+def input_root(url: str) -> str:
+    """The location an input URL reads from, spelled as the listing spells its files.
+
+    ``file://in/`` -> ``/abs/in``, ``s3a://b/in/`` -> ``s3://b/in``, a glob -> the folder before its
+    first wildcard; a chained URL (``a::b``) is returned as is and holds nothing (:func:`is_under`).
+    """
+    parts = _components(url)
+    if parts is None:
+        return url
+    protocol, segments = parts[0], list(parts[1:])
+    for i, part in enumerate(segments):
+        if any(c in part for c in _GLOB_CHARS):
+            del segments[i:]
+            break
+    return "/" + "/".join(segments) if protocol == "file" else f"{protocol}://" + "/".join(segments)
+
+
+def is_under(url: str, roots: Iterable[str]) -> bool:
+    """Whether ``url`` is one of ``roots`` or inside one, compared segment by segment.
+
+    So ``/data/in`` holds ``file:///data/in/a.jpg`` but not ``/data/in-other/a.jpg``, ``s3://b/in``
+    holds nothing in another bucket, and a ``..`` below a root (also ``%2e%2e``) is never inside
+    it: the path is not resolved, so a symlink in the root cannot lead ``..`` out of it.
+    False for a chained URL and for a protocol no root uses.
+    """
+    parts = _components(url)
+    if parts is None:
+        return False
+    for root in roots:
+        base = _components(root)
+        if base is not None and parts[: len(base)] == base:
+            if not any(unquote(part) == ".." for part in parts[len(base) :]):
+                return True
+    return False

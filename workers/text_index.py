@@ -17,6 +17,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import tantivy
 
@@ -36,6 +37,19 @@ class TextIndexError(Exception):
 
 def query_words(text: str) -> list[str]:
     return _WORD.findall(text or "")
+
+
+def text_of(value: Any) -> str:
+    """The searchable text of one cell: strings as is, answers as ``question answer`` pairs, lists joined."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return " ".join(text_of(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return " ".join(t for t in (text_of(v) for v in value) if t)
+    return str(value)
 
 
 def file_number(url: str) -> int:

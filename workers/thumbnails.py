@@ -6,6 +6,13 @@ image files and video files are read directly.  A video row's thumbnail is the
 frame shown at its ``frame_time``.  Anything that cannot be shown (the shard is
 gone, the key is no longer in it, the bytes do not decode) becomes a reason
 instead of a picture: a page is never refused because of one image.
+
+A page reads only what the job read: a row's ``source`` is opened only when it
+lies under one of :attr:`JobInputs.roots` (the input roots the job's
+``_manifest.json`` records; without them, the dataset's own folder; plus what
+``--allow-source`` names), and only with the page's own storage settings.  Any
+other source, however a crafted Parquet file spells it (another local path, a
+second bucket, ``http://169.254.169.254/...``), is a placeholder saying so.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +31,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers import schema
 from workers.config import ConfigError, InputSpec, StorageOptions
-from workers.ledger import MANIFEST_NAME
+from workers.ledger import INPUT_ROOTS, MANIFEST_NAME
 from workers.listing import IMAGES, PARQUET, VIDEO, WEBDATASET, ShardRef, format_of
 from workers.readers import read_shard
-from workers.storage import filesystem_for, join, refuse_command_url
+from workers.storage import filesystem_for, is_under, join, refuse_command_url
 
 THUMB_PIXELS = 160  # longest side: big enough to recognise a scene, ~5 KB as JPEG
 JPEG_QUALITY = 80
@@ -35,6 +43,10 @@ MAX_PIXELS = 178_956_970
 _INPUT_FIELDS = ("format", "image_column", "key_column", "passthrough_columns", "questions_column", "max_member_bytes")
 
 Wanted = tuple[str, str, "float | None"]  # (source, key, frame_time)
+ALLOW_SOURCE_HELP = (
+    "also read thumbnails from under PREFIX (repeatable); otherwise only from under the inputs the "
+    "job's _manifest.json records, or without one, from under OUTPUT_URL"
+)
 
 
 @dataclass(frozen=True)
@@ -43,16 +55,37 @@ class Thumbnail:
     reason: str | None = None  # why there is no picture
 
 
-def job_input_settings(output_url: str, storage: StorageOptions) -> dict[str, Any] | None:
-    """The ``input`` settings of the job that wrote ``output_url`` (its ``_manifest.json``), or None.
+@dataclass(frozen=True)
+class JobInputs:
+    """What a page may read thumbnails from, and the job's input settings to read it with."""
 
-    None for a dataset no job of ours wrote: the readers' defaults suit it.
+    settings: dict[str, Any] | None  # the manifest's "input"; None: the readers' defaults
+    roots: tuple[str, ...]  # a source under none of these is never opened
+    outside: str = "not under the job's inputs"  # the placeholder's reason for one that is not
+
+
+def job_inputs(output_url: str, storage: StorageOptions, allow: tuple[str, ...] = ()) -> JobInputs:
+    """The inputs of the job that wrote ``output_url`` (its ``_manifest.json``), widened by ``allow``.
+
+    Without a manifest, or with one older than its ``input_roots``, only ``output_url``'s own
+    folder (and ``allow``) may be read.  A manifest that is not JSON counts as none.
     """
     fs, path = filesystem_for(join(output_url, MANIFEST_NAME), storage)
     try:
-        return json.loads(fs.cat_file(path)).get("input")
+        manifest = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
-        return None
+        manifest = None
+    manifest = manifest if isinstance(manifest, dict) else {}
+    settings = manifest.get("input") if isinstance(manifest.get("input"), dict) else None
+    roots = manifest.get(INPUT_ROOTS)
+    if isinstance(roots, list) and roots and all(isinstance(r, str) for r in roots):
+        return JobInputs(settings, (*roots, *allow), "not under the job's inputs (--allow-source PREFIX shows it)")
+    return JobInputs(
+        settings,
+        (output_url, *allow),
+        "not under the job's inputs: no record of them, so only the dataset's own folder is read "
+        "(--allow-source PREFIX shows it)",
+    )
 
 
 def input_spec_for(source: str, manifest_input: dict[str, Any] | None) -> InputSpec:
@@ -83,14 +116,40 @@ def image_thumbnail(data: bytes) -> Thumbnail:
         return Thumbnail(None, f"the image does not decode: {exc}")
 
 
+def _bad_frame_time(frame_time: Any) -> Thumbnail | None:
+    # A NaN would match no frame and decode the whole video; inf cannot be seeked to.  Every
+    # video row a job writes has a finite time, so None is a crafted (or cleaned NaN) one too.
+    if isinstance(frame_time, int | float) and not isinstance(frame_time, bool) and math.isfinite(frame_time):
+        return None
+    if frame_time is None:
+        return Thumbnail(None, "the row has no finite frame_time: which frame to show is unknown")
+    return Thumbnail(None, f"frame_time {frame_time!r} is not a finite number of seconds")
+
+
+def _too_large(kind: str, width: int, height: int) -> Thumbnail | None:
+    if width * height > MAX_PIXELS:
+        return Thumbnail(None, f"{kind} of {width}x{height} pixels is too large to show")
+    return None
+
+
 def frame_thumbnail(file: Any, frame_time: float | None) -> Thumbnail:
-    """The frame on screen at ``frame_time`` seconds (the first frame when None)."""
+    """The frame on screen at ``frame_time`` seconds.
+
+    A reason instead when ``frame_time`` is missing or not a finite number, when the stream's frames
+    have more than :data:`MAX_PIXELS` (checked before any is decoded), or when it does not decode.
+    """
+    bad = _bad_frame_time(frame_time)
+    if bad is not None:
+        return bad
     try:
         with av.open(file, mode="r", metadata_errors="ignore") as container:
             if not container.streams.video:
                 return Thumbnail(None, "the file has no video stream")
             stream = container.streams.video[0]
-            target = frame_time or 0.0
+            large = _too_large("video", stream.codec_context.width, stream.codec_context.height)
+            if large is not None:
+                return large
+            target = float(frame_time)
             if target > 0 and stream.time_base:
                 container.seek(int(target / stream.time_base), stream=stream, backward=True)
             best = None
@@ -100,7 +159,8 @@ def frame_thumbnail(file: Any, frame_time: float | None) -> Thumbnail:
                 best = frame
             if best is None:
                 return Thumbnail(None, f"no frame at {target:.3f} s")
-            return _jpeg(best.to_image())
+            # A stream may change size midway: check the frame itself before converting it.
+            return _too_large("video", best.width, best.height) or _jpeg(best.to_image())
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         return Thumbnail(None, f"the video does not decode: {exc}")
 
@@ -145,18 +205,34 @@ def _from_file(source: str, fmt: str, wanted: list[Wanted], max_bytes: int, stor
     return dict.fromkeys(wanted, image_thumbnail(fs.cat_file(path)))
 
 
-def thumbnails(
-    wanted: list[Wanted], manifest_input: dict[str, Any] | None, storage: StorageOptions
-) -> dict[Wanted, Thumbnail]:
-    """A thumbnail, or a reason, for every ``(source, key, frame_time)``; never raises for bad data."""
+def _hashable(item: Any) -> bool:
+    try:
+        hash(item)
+    except TypeError:  # a crafted column of lists: no thumbnail, and the page looks none up
+        return False
+    return True
+
+
+def thumbnails(wanted: list[Wanted], job: JobInputs, storage: StorageOptions) -> dict[Wanted, Thumbnail]:
+    """A thumbnail, or a reason, for every ``(source, key, frame_time)``; never raises for bad data.
+
+    A source not under ``job.roots`` is not opened, listed or stat'ed: its reason is ``job.outside``.
+    """
     by_source: dict[str, list[Wanted]] = defaultdict(list)
-    for item in dict.fromkeys(wanted):
+    for item in dict.fromkeys(i for i in wanted if _hashable(i)):
         by_source[item[0]].append(item)
     out: dict[Wanted, Thumbnail] = {}
+    manifest_input = job.settings
     for source, items in by_source.items():
-        fmt = format_of(source) if source else None
+        if not isinstance(source, str) or not source:
+            out.update(dict.fromkeys(items, Thumbnail(None, f"the row's source {source!r} is not a location")))
+            continue
+        if not is_under(source, job.roots):
+            out.update(dict.fromkeys(items, Thumbnail(None, f"{source} is {job.outside}")))
+            continue
+        fmt = format_of(source)
         try:
-            refuse_command_url(source or "", "source")
+            refuse_command_url(source, "source")
             if fmt in (WEBDATASET, PARQUET):
                 out.update(_from_shard(source, fmt, items, manifest_input, storage))
             elif fmt in (IMAGES, VIDEO):

@@ -1,11 +1,14 @@
 """What a run's model replicas held and used: the figures its cost is computed from.
 
-Each replica reports, after every batch, when it started (before loading its
-weights) and how long it has been inside model calls, to one small Ray actor
-per run (:class:`UsageMeter`).  The driver reads the
-totals at the end (:func:`cost_summary`).  Reports are cumulative and keyed by
-replica, so a lost report costs nothing but that report's increment, and a
-replica Ray restarts counts as the new replica it is (it held the device too).
+Each replica reports when it starts (before loading its weights, so a replica
+that never gets a batch, or dies loading, is counted too) and after every
+batch: when it started and how long it has been inside model calls, to one
+small Ray actor per run (:class:`UsageMeter`), which the driver pins to its own
+node so that losing a worker node cannot lose it.  The driver reads the totals
+at the end (:func:`cost_summary`); figures it cannot read are reported as
+unknown, with the reason.  Reports are cumulative and keyed by replica, so a
+lost report costs nothing but that report's increment, and a replica Ray
+restarts counts as the new replica it is (it held the device too).
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ class ReplicaUsage:
                 self._meter = ray.get_actor(meter_name)
             except ValueError:  # no such actor: the driver did not start one
                 self._meter = None
+        # Now, not after the first batch: the device is held from here, whether or not work ever comes.
+        self._report()
 
     def add(self, busy_s: float) -> None:
         self.busy_s += busy_s
+        self._report()
+
+    def _report(self) -> None:
         if self._meter is not None:
             self._meter.report.remote(self._id, self.started, self.busy_s)
 
@@ -75,20 +83,17 @@ def stage_busy_seconds(ds: Any) -> dict[str, float] | None:
     for op in operators:
         if op.wall_time is None:
             continue
-        stage = (
-            "model"
-            if "Blip2Replica" in op.operator_name
-            else "write"
-            if "write_rows" in op.operator_name
-            else ("read_decode")
-        )
+        name = op.operator_name
+        # The writer stage as an actor pool (RowWriter) or as tasks (write_rows).
+        writes = "RowWriter" in name or "write_rows" in name
+        stage = "model" if "Blip2Replica" in name else "write" if writes else "read_decode"
         out[stage] += float(op.wall_time.sum)
     return {k: round(v, 3) for k, v in out.items()}
 
 
 def cost_summary(
-    replicas: dict[str, dict[str, float]], run_end: float, device: str, units_per_replica: float, images: int,
-    hour_price: float | None,
+    replicas: dict[str, dict[str, float]] | None, run_end: float, device: str, units_per_replica: float,
+    images: int, hour_price: float | None, unknown_reason: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The summary's cost figures.
 
@@ -97,21 +102,42 @@ def cost_summary(
     counted to the end: an upper bound), times the devices it holds
     (``gpus_per_replica``, or ``cpus_per_replica`` on CPU-only runs).
     ``device_seconds_busy``: time inside model calls, times the same.
+    ``per_replica``: each replica's lifetime and busy seconds (not times the
+    devices), oldest first.
+
+    ``replicas`` None (the meter could not be read): the same keys, every
+    figure that needs the replicas' reports None, and ``unknown_reason`` says
+    why; otherwise ``unknown_reason`` is None.
     """
-    held = sum(max(0.0, run_end - r["started"]) for r in replicas.values()) * units_per_replica
-    busy = sum(r["busy_s"] for r in replicas.values()) * units_per_replica
-    per_hour = images / held * 3600 if held > 0 else None
     out: dict[str, Any] = {
         "device": device,
+        "replicas": None,
+        "device_seconds_held": None,
+        "device_seconds_busy": None,
+        "busy_share": None,
+        "images_per_device_hour": None,
+        "device_hour_price": hour_price,
+        "cost_per_1k_images": None,
+        "cost_per_1m_images": None,
+        "per_replica": None,
+        "unknown_reason": (unknown_reason or "no replica usage reports") if replicas is None else None,
+    }
+    if replicas is None:
+        return out
+    ordered = sorted(replicas.values(), key=lambda r: r["started"])
+    lifetimes = [max(0.0, run_end - r["started"]) for r in ordered]
+    held = sum(lifetimes) * units_per_replica
+    busy = sum(r["busy_s"] for r in ordered) * units_per_replica
+    per_hour = images / held * 3600 if held > 0 else None
+    out.update({
         "replicas": len(replicas),
         "device_seconds_held": round(held, 3),
         "device_seconds_busy": round(busy, 3),
         "busy_share": round(busy / held, 4) if held > 0 else None,
         "images_per_device_hour": round(per_hour, 1) if per_hour else None,
-        "device_hour_price": hour_price,
-        "cost_per_1k_images": None,
-        "cost_per_1m_images": None,
-    }
+        "per_replica": [{"held_s": round(t, 3), "busy_s": round(r["busy_s"], 3)}
+                        for t, r in zip(lifetimes, ordered, strict=True)],
+    })  # fmt: skip
     if hour_price is not None and per_hour:
         out["cost_per_1k_images"] = round(hour_price / per_hour * 1e3, 6)
         out["cost_per_1m_images"] = round(hour_price / per_hour * 1e6, 2)
