@@ -7,6 +7,7 @@ import pytest
 import torch
 from model_inputs import model_input_table, resize_like_processor
 from reference import Reference
+from whole_words import build_whole_words_blip2
 
 from workers import schema
 from workers.config import ConfigError, GenerationSpec, ModelSpec, PromptSpec
@@ -33,8 +34,14 @@ def oracle_turns(ref: Reference, spec: PromptSpec, rgb, turns) -> list[tuple[str
 
 
 @pytest.fixture(scope="module")
-def oracles(tiny_models):
-    return {flavor: Reference(path, GEN) for flavor, path in tiny_models.items()}
+def models(tiny_models, tmp_path_factory):
+    """The tiny models, and "opt-words": tiny OPT answering in whole words (tests/whole_words.py)."""
+    return {**tiny_models, "opt-words": build_whole_words_blip2(tmp_path_factory.mktemp("models") / "opt-words")}
+
+
+@pytest.fixture(scope="module")
+def oracles(models):
+    return {flavor: Reference(path, GEN) for flavor, path in models.items()}
 
 
 def test_turn_prompt_is_the_blip2_paper_format():
@@ -49,11 +56,11 @@ def test_turn_prompt_is_the_blip2_paper_format():
         PromptSpec(conversation=("fine", " "))
 
 
-@pytest.mark.parametrize("flavor", ["opt", "t5"])
-def test_turns_see_the_earlier_answers_and_equal_the_oracle(tiny_models, oracles, images, flavor):
+@pytest.mark.parametrize("flavor", ["opt", "t5", "opt-words"])
+def test_turns_see_the_earlier_answers_and_equal_the_oracle(models, oracles, images, flavor):
     ref = oracles[flavor]
     arrays = [images[n] for n in NAMES]
-    replica = make_replica(tiny_models[flavor], questions=("how many?",), conversation=TURNS)
+    replica = make_replica(models[flavor], questions=("how many?",), conversation=TURNS)
     out = replica(model_input_table(arrays, ref.height, ref.width))
     assert out.schema.field(schema.CONVERSATION).type == pa_turns()
     rows = out.to_pylist()
@@ -70,18 +77,18 @@ def test_turns_see_the_earlier_answers_and_equal_the_oracle(tiny_models, oracles
     assert sees_history, "no later turn differs from asking it alone: the comparison would show nothing"
 
 
-@pytest.mark.parametrize("flavor", ["opt", "t5"])
-def test_conversation_tokens_equal_the_oracle(tiny_models, oracles, images, flavor):
+@pytest.mark.parametrize("flavor", ["opt", "t5", "opt-words"])
+def test_conversation_tokens_equal_the_oracle(models, oracles, images, flavor):
     """Token ids, through the conversation module the stage uses (cache reuse on OPT, recomputation on T5)."""
     ref = oracles[flavor]
-    engine = make_replica(tiny_models[flavor], conversation=TURNS).engine
+    engine = make_replica(models[flavor], conversation=TURNS).engine
     arrays = [images[n] for n in NAMES]
     pixels = np.stack([resize_like_processor(a, engine.height, engine.width) for a in arrays])
     spec = PromptSpec()
     with torch.inference_mode():
         prefix = engine.prefix(list(engine.encode(pixels)), [len(TURNS)] * len(arrays))
         sessions = [first_session(engine, prefix, i) for i in range(len(arrays))]
-        assert all(s is not None for s in sessions) == (flavor == "opt")
+        assert all(s is not None for s in sessions) == flavor.startswith("opt")
         histories: list[list[tuple[str, str]]] = [[] for _ in arrays]
         for k, question in enumerate(TURNS):
             prompts = [engine.prompt_ids(spec.turn_prompt(h, question)) for h in histories]
@@ -120,6 +127,54 @@ def test_later_turns_prefill_only_their_new_tokens(tiny_models, images):
     for k in (1, 2):  # recomputing would prefill whole[k] positions
         assert prefills[k] <= whole[k] - whole[k - 1], (prefills, whole)
 
+
+def test_when_answers_tokenize_back_a_turn_prefills_only_its_new_tokens(models, oracles, images, monkeypatch):
+    """OPT answering in whole words (as a trained model does): turn k keeps the earlier prompts *and* answers.
+
+    Counted as positions x rows of every prefill forward, per turn, for a batch
+    of images.  A row's new tokens are its prompt's ids past what the cache
+    holds: the previous prompt and answer, except the answer's last token when
+    generation stopped at ``max_new_tokens`` (the last token is never fed back).
+    """
+    import workers.replica as replica_module
+
+    ref, arrays = oracles["opt-words"], [images[n] for n in NAMES]
+    replica = make_replica(models["opt-words"], caption=False, conversation=TURNS)
+    engine, q = replica.engine, replica.engine.num_query_tokens
+    real_decoder, real_continue = engine.decoder, replica_module.continue_conversations
+    prefilled: list[int] = []  # positions x rows, one total per turn
+
+    def spy(**kwargs):
+        if "inputs_embeds" in kwargs and prefilled:  # before the first turn: the image positions' cache
+            prefilled[-1] += kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+        return real_decoder(**kwargs)
+
+    def each_turn(*args):
+        prefilled.append(0)
+        return real_continue(*args)
+
+    engine.decoder = spy
+    monkeypatch.setattr(replica_module, "continue_conversations", each_turn)
+    rows = replica(model_input_table(arrays, engine.height, engine.width)).to_pylist()
+    assert len(prefilled) == len(TURNS)  # one call per turn: the whole batch fits one chunk
+
+    expected, whole = [0] * len(TURNS), [0] * len(TURNS)
+    for rgb, row in zip(arrays, rows, strict=True):
+        oracle = oracle_turns(ref, replica.prompts, rgb, TURNS)
+        assert [t["answer"] for t in row[schema.CONVERSATION]] == [text for text, _ in oracle]
+        history = [(t["question"], t["answer"]) for t in row[schema.CONVERSATION]]
+        prompts = [engine.prompt_ids(replica.prompts.turn_prompt(history[:k], t)) for k, t in enumerate(TURNS)]
+        expected[0] += len(prompts[0])
+        for k in range(1, len(TURNS)):
+            ids = oracle[k - 1][1]
+            stopped = bool(ids) and ids[-1] in engine.eos_ids
+            words = ids[:-1] if stopped else ids
+            # The answer tokenizes back to the generated ids inside the next prompt.
+            assert prompts[k][: len(prompts[k - 1]) + len(words)] == prompts[k - 1] + tuple(words)
+            expected[k] += len(prompts[k]) - len(prompts[k - 1]) - len(words) + (0 if stopped else 1)
+            whole[k] += q + len(prompts[k])
+    assert prefilled == expected
+    assert all(expected[k] < whole[k] - q * len(arrays) for k in (1, 2))  # less than the prompts alone
 
 def test_a_conversation_beyond_the_context_is_an_error_row_and_spares_the_rest(tiny_models, images):
     replica = make_replica(tiny_models["opt"], row_questions_in_turns=True)

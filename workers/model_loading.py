@@ -81,6 +81,8 @@ class PromptTokens:
         return ids
 
     def decode(self, token_lists: list[list[int]]) -> list[str]:
+        if not token_lists:  # transformers 5's batch_decode([]) gives [""]: one text for no tokens
+            return []
         return [t.strip() for t in self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)]
 
     def trim(self, tokens: list[int]) -> list[int]:

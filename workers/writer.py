@@ -181,6 +181,19 @@ def write_rows(
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
+class RowWriter:
+    """Ray Data callable class: :func:`write_rows` in a long-lived actor (one per writer in the pool).
+
+    Errors propagate from :func:`write_rows` unchanged.
+    """
+
+    def __init__(self, output: OutputSpec, storage: StorageOptions, passthrough: tuple[str, ...], run_id: str):
+        self.output, self.storage, self.passthrough, self.run_id = output, storage, passthrough, run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return write_rows(batch, self.output, self.storage, self.passthrough, self.run_id)
+
+
 def compact_shard(fs, output: OutputSpec, root: str, shard: str, files: dict[str, int], run_id: str) -> list[str]:
     """Rewrite one complete shard's ``files`` (path -> rows) as ``ceil(rows / max_rows_per_file)`` files.
 
