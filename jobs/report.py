@@ -27,8 +27,8 @@ from jobs.pages import report_page
 from workers import schema
 from workers.config import StorageOptions
 from workers.search_store import SearchError, check_row_columns, clean_row, list_data_files, readable_parquet
-from workers.storage import filesystem_for, join
-from workers.thumbnails import ALLOW_SOURCE_HELP, job_inputs, thumbnails
+from workers.storage import ALLOW_SOURCE_HELP, filesystem_for, join
+from workers.thumbnails import job_inputs, thumbnails
 
 _SAMPLE_COLUMNS = (
     schema.ID,

@@ -16,14 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.pages import hits_page
 from workers.config import StorageOptions
 from workers.embedder import DEFAULT_MODEL, EmbeddingUnavailableError, TextEmbedder
 from workers.search_index import EmbedFiles, IndexSpec, build_index
 from workers.search_query import MODES, WHERE_SECONDS, QuerySpec, open_searcher
 from workers.search_store import IndexLocation, SearchError, staleness
-from workers.storage import join
-from workers.thumbnails import ALLOW_SOURCE_HELP, job_inputs, thumbnails
+from workers.storage import ALLOW_SOURCE_HELP, join
 
 # CPUs per embedding actor on a cluster without GPUs: a small model's matrix products use two
 # cores well (Ray sets the actor's thread count to its CPUs); more per actor scale poorly.
@@ -142,6 +140,10 @@ def run_query(args: argparse.Namespace) -> int:
     finally:
         searcher.close()
     if args.html:
+        # Here, not at the top: PyAV, Pillow and the readers cost a plain query's start-up a quarter second.
+        from jobs.pages import hits_page
+        from workers.thumbnails import job_inputs, thumbnails
+
         job = job_inputs(args.output_url, storage, tuple(args.allow_source))
         thumbs = thumbnails([(h["source"], h["key"], h["frame_time"]) for h in hits], job, storage)
         Path(args.html).write_text(hits_page(spec.text, spec.mode, hits, thumbs), encoding="utf-8")

@@ -120,6 +120,13 @@ def input_root(url: str) -> str:
     return "/" + "/".join(segments) if protocol == "file" else f"{protocol}://" + "/".join(segments)
 
 
+# The --allow-source flag of the commands that make pages (jobs.report, jobs.search query --html).
+ALLOW_SOURCE_HELP = (
+    "also read thumbnails from under PREFIX (repeatable); otherwise only from under the inputs the "
+    "job's _manifest.json records, or without one, from under OUTPUT_URL"
+)
+
+
 def is_under(url: str, roots: Iterable[str]) -> bool:
     """Whether ``url`` is one of ``roots`` or inside one, compared segment by segment.
 

@@ -43,10 +43,6 @@ MAX_PIXELS = 178_956_970
 _INPUT_FIELDS = ("format", "image_column", "key_column", "passthrough_columns", "questions_column", "max_member_bytes")
 
 Wanted = tuple[str, str, "float | None"]  # (source, key, frame_time)
-ALLOW_SOURCE_HELP = (
-    "also read thumbnails from under PREFIX (repeatable); otherwise only from under the inputs the "
-    "job's _manifest.json records, or without one, from under OUTPUT_URL"
-)
 
 
 @dataclass(frozen=True)
