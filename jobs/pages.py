@@ -53,11 +53,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _lookup(thumbs: Mapping[tuple, Thumbnail], row: Mapping[str, Any]) -> Thumbnail | None:
-    key = (row.get("source"), row.get("key"), row.get("frame_time"))
-    try:
-        return thumbs.get(key)
-    except TypeError:  # an unhashable value from a crafted column: no thumbnail was made for it
-        return None
+    return thumbs.get((row.get("source"), row.get("key"), row.get("frame_time")))
 
 
 def _thumb(thumb: Thumbnail | None) -> str:

@@ -201,24 +201,15 @@ def _from_file(source: str, fmt: str, wanted: list[Wanted], max_bytes: int, stor
     return dict.fromkeys(wanted, image_thumbnail(fs.cat_file(path)))
 
 
-def _hashable(item: Any) -> bool:
-    try:
-        hash(item)
-    except TypeError:  # a crafted column of lists: no thumbnail, and the page looks none up
-        return False
-    return True
-
-
 def thumbnails(wanted: list[Wanted], job: JobInputs, storage: StorageOptions) -> dict[Wanted, Thumbnail]:
     """A thumbnail, or a reason, for every ``(source, key, frame_time)``; never raises for bad data.
 
     A source not under ``job.roots`` is not opened, listed or stat'ed: its reason is ``job.outside``.
     """
     by_source: dict[str, list[Wanted]] = defaultdict(list)
-    for item in dict.fromkeys(i for i in wanted if _hashable(i)):
+    for item in dict.fromkeys(wanted):
         by_source[item[0]].append(item)
     out: dict[Wanted, Thumbnail] = {}
-    manifest_input = job.settings
     for source, items in by_source.items():
         if not isinstance(source, str) or not source:
             out.update(dict.fromkeys(items, Thumbnail(None, f"the row's source {source!r} is not a location")))
@@ -230,9 +221,9 @@ def thumbnails(wanted: list[Wanted], job: JobInputs, storage: StorageOptions) ->
         try:
             refuse_command_url(source, "source")
             if fmt in (WEBDATASET, PARQUET):
-                out.update(_from_shard(source, fmt, items, manifest_input, storage))
+                out.update(_from_shard(source, fmt, items, job.settings, storage))
             elif fmt in (IMAGES, VIDEO):
-                limit = input_spec_for(source, manifest_input).max_member_bytes
+                limit = input_spec_for(source, job.settings).max_member_bytes
                 out.update(_from_file(source, fmt, items, limit, storage))
             else:
                 out.update(dict.fromkeys(items, Thumbnail(None, f"cannot tell what kind of file {source!r} is")))

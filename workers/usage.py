@@ -84,9 +84,7 @@ def stage_busy_seconds(ds: Any) -> dict[str, float] | None:
         if op.wall_time is None:
             continue
         name = op.operator_name
-        # The writer stage as an actor pool (RowWriter) or as tasks (write_rows).
-        writes = "RowWriter" in name or "write_rows" in name
-        stage = "model" if "Blip2Replica" in name else "write" if writes else "read_decode"
+        stage = "model" if "Blip2Replica" in name else "write" if "RowWriter" in name else "read_decode"
         out[stage] += float(op.wall_time.sum)
     return {k: round(v, 3) for k, v in out.items()}
 

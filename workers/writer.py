@@ -1,6 +1,7 @@
 """Write annotated rows as hive-partitioned Parquet and report what was written.
 
-``write_rows`` is the last Ray Data stage (a map over batches, run as tasks).
+``write_rows`` is the last Ray Data stage, a map over batches run by long-lived
+:class:`RowWriter` actors.
 For each batch it writes one Parquet file per shard present in the batch:
 
 * ``<output>/shard=<name>/part-<run>-<digest>.parquet`` (``partition_by="shard"``), or
